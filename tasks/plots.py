@@ -1,0 +1,101 @@
+"""PNG figures for run reports, drawn off-screen with matplotlib's Agg backend.
+
+Each figure gets its own Agg canvas instead of going through pyplot: no display is needed,
+no global backend is switched under other code, and Prefect tasks running in threads do
+not share pyplot's global figure state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+
+def _figure(width: float, height: float) -> Figure:
+    """A figure bound to an Agg canvas, so savefig never needs a GUI backend."""
+    figure = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _save(figure: Figure, path: Path) -> Path:
+    path = Path(path)
+    figure.savefig(path, dpi=100)
+    return path
+
+
+def confusion_png(
+    confusion: Sequence[Sequence[int]], class_names: list[str], path: Path, title: str
+) -> Path:
+    """Heatmap of a confusion matrix (rows true, columns predicted) with counts written in."""
+    counts = np.asarray(confusion, dtype=int)
+    n = len(class_names)
+    size = max(4.0, 0.6 * n + 2.0)
+    figure = _figure(size + 1.0, size)
+    axes = figure.add_subplot()
+    image = axes.imshow(counts, cmap="Blues")
+    figure.colorbar(image, ax=axes)
+    threshold = counts.max() / 2 if counts.size else 0
+    for (row, col), count in np.ndenumerate(counts):
+        colour = "white" if count > threshold else "black"
+        axes.text(col, row, str(count), ha="center", va="center", color=colour)
+    axes.set_xticks(range(n), class_names, rotation=45, ha="right")
+    axes.set_yticks(range(n), class_names)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    axes.set_title(title)
+    return _save(figure, path)
+
+
+def learning_curves_png(history: dict[str, list[float]], path: Path) -> Path:
+    """Accuracy and loss per epoch, training against validation, side by side."""
+    figure = _figure(10.0, 4.0)
+    for axes, metric in zip(figure.subplots(1, 2), ("accuracy", "loss"), strict=True):
+        for key, label in ((metric, "train"), (f"val_{metric}", "validation")):
+            if key in history:
+                values = history[key]
+                axes.plot(range(1, len(values) + 1), values, marker=".", label=label)
+        axes.set_xlabel("epoch")
+        axes.set_ylabel(metric)
+        axes.set_title(metric)
+        axes.legend()
+    return _save(figure, path)
+
+
+def explained_variance_png(
+    cumulative_ratio: Sequence[float], n_components: int, target: float | None, path: Path
+) -> Path:
+    """Cumulative explained variance with the chosen cut marked.
+
+    `target` is the variance fraction the cut aimed at, or None when the number of
+    components was fixed rather than chosen by variance.
+    """
+    ratio = np.asarray(cumulative_ratio, dtype=float)
+    figure = _figure(7.0, 4.5)
+    axes = figure.add_subplot()
+    axes.plot(range(1, len(ratio) + 1), ratio, label="cumulative explained variance")
+    axes.axvline(n_components, color="tab:red", linestyle="--", label=f"{n_components} components")
+    if 0 < n_components <= len(ratio):
+        axes.plot(n_components, ratio[n_components - 1], "o", color="tab:red")
+    if target is not None:
+        axes.axhline(target, color="tab:gray", linestyle=":", label=f"target {target:g}")
+    axes.set_xlabel("components")
+    axes.set_ylabel("explained variance ratio")
+    axes.set_ylim(0, 1.02)
+    axes.legend(loc="lower right")
+    return _save(figure, path)
+
+
+def bar_chart_png(labels: Sequence[str], values: Sequence[float], path: Path, ylabel: str) -> Path:
+    """Bars with their values written on top (e.g. test accuracy per backbone layer)."""
+    figure = _figure(max(5.0, 0.8 * len(labels) + 2.0), 4.5)
+    axes = figure.add_subplot()
+    bars = axes.bar(range(len(labels)), values)
+    axes.bar_label(bars, fmt="%.3g")
+    axes.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    axes.set_ylabel(ylabel)
+    return _save(figure, path)
