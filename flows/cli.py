@@ -1,0 +1,320 @@
+"""The `featurepipe` command: parse flags, call a flow, print a summary (or --json).
+
+Heavy imports (Prefect, TensorFlow, Dask) happen inside commands so `--help` stays instant.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tasks.errors import UserError
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+app = typer.Typer(help="featurepipe: CNN features -> Zarr store -> Dask PCA -> classifiers, "
+                       "orchestrated by Prefect.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+store_app = typer.Typer(help="Inspect and maintain the feature store.", no_args_is_help=True)
+runs_app = typer.Typer(help="List and compare classifier runs.", no_args_is_help=True)
+app.add_typer(store_app, name="store")
+app.add_typer(runs_app, name="runs")
+
+Data = Annotated[Path | None, typer.Option(help="Image folder: one sub-folder per class, "
+                                                "optionally inside train/ valid/ test/.")]
+Store = Annotated[str | None, typer.Option(help="Feature store path [featurepipe-store].")]
+Runs = Annotated[Path | None, typer.Option(help="Folder for run reports [runs].")]
+Backbone = Annotated[str | None, typer.Option(help="vgg16, vgg19, resnet50, densenet169, "
+                                                   "inceptionv3, xception, mobilenetv2, "
+                                                   "efficientnetb0 [vgg16].")]
+Layers = Annotated[str | None, typer.Option(help="Comma-separated cut layers, all extracted in "
+                                                 "one pass [backbone default, e.g. block5_pool].")]
+Weights = Annotated[str | None, typer.Option(help="imagenet (download, cached), hed-vgg16 "
+                                                  "(offline), none, or a weights file path.")]
+ImageSize = Annotated[int | None, typer.Option(help="Square input size [backbone default].")]
+Pooling = Annotated[str | None, typer.Option(help="Global pooling of the cut: avg or max.")]
+Dtype = Annotated[str | None, typer.Option(help="float32 or float16 features [float32].")]
+BatchSize = Annotated[int | None, typer.Option(help="Images per forward pass [16].")]
+Classifiers = Annotated[str | None, typer.Option(help="Comma list: svm, logreg, knn, dense256, "
+                                                      "dense64bn [svm,logreg].")]
+Limit = Annotated[int | None, typer.Option(help="Use at most N images per class.")]
+Variance = Annotated[float | None, typer.Option(help="PCA variance target in (0, 1] [0.8].")]
+PcaMethod = Annotated[str | None, typer.Option(help="gram (exact), randomized, incremental.")]
+Split = Annotated[str | None, typer.Option(help="auto, stratified, grouped, folder [auto].")]
+TestSize = Annotated[float | None, typer.Option(help="Test fraction [0.25].")]
+GroupRegex = Annotated[str | None, typer.Option(help="Regex on file names giving the group "
+                                                     "for --split grouped, e.g. '_(\\d+)_'.")]
+Seed = Annotated[int | None, typer.Option(help="Seed for splits, init and classifiers [0].")]
+DaskAddress = Annotated[str | None, typer.Option(help="Existing Dask scheduler tcp://host:port.")]
+Workers = Annotated[int | None, typer.Option(help="Local Dask worker processes [1].")]
+Config = Annotated[Path | None, typer.Option(help="YAML or TOML file of settings; flags win.")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")]
+Features = Annotated[str, typer.Option(help="Comma list of feature keys (or unique prefixes), "
+                                            "see `featurepipe store ls`.")]
+
+
+def _fail(message: str, code: int) -> None:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(code)
+
+
+def _guarded(action: Callable[[], None]) -> None:
+    """Run a command body; user mistakes become one line on stderr, never a traceback."""
+    try:
+        action()
+    except UserError as error:
+        _fail(str(error), 2)
+    except FileNotFoundError as error:
+        _fail(str(error), 2)
+
+
+def _settings(**flags):
+    from flows.settings import load_settings
+
+    config = flags.pop("config", None)
+    return load_settings(config, **flags)
+
+
+def _print(summary: dict, as_json: bool, human: Callable[[dict], None]) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(summary, default=str) + "\n")
+    else:
+        human(summary)
+
+
+def _print_run(summary: dict) -> None:
+    typer.echo(f"images: {summary['images_total']} used, {summary['images_computed']} computed, "
+               f"{summary['images_cached']} from cache, {summary['images_skipped']} skipped")
+    typer.echo(f"feature store: {summary['store']}")
+    for layer, info in summary["layers"].items():
+        scores = ", ".join(f"{name} {acc:.3f}" for name, acc in info["accuracy"].items())
+        typer.echo(f"{layer}: {info['n_components']} PCA components ({info['pca_method']}); "
+                   f"test accuracy: {scores}")
+        typer.echo(f"  report: {Path(info['run_dir']) / 'report.md'}")
+    typer.echo(f"Prefect flow run: {summary['flow_run_id']} (see it with `prefect server start`,"
+               " then the Runs page)")
+
+
+def _pipeline_command(flow_name: str) -> Callable:
+    """Build the `run`/`extract` command: same flags, different flow."""
+
+    def command(data: Data = None, store: Store = None, runs: Runs = None,
+                backbone: Backbone = None, layers: Layers = None, weights: Weights = None,
+                image_size: ImageSize = None, pooling: Pooling = None, dtype: Dtype = None,
+                batch_size: BatchSize = None, classifiers: Classifiers = None,
+                limit_per_class: Limit = None, variance: Variance = None,
+                pca_method: PcaMethod = None, split: Split = None, test_size: TestSize = None,
+                group_regex: GroupRegex = None, seed: Seed = None,
+                dask_address: DaskAddress = None, workers: Workers = None,
+                config: Config = None, json_out: JsonOut = False) -> None:
+        flags = {k: v for k, v in locals().items() if k != "json_out"}
+
+        def body() -> None:
+            settings = _settings(**flags)
+            if settings.data is None:
+                raise UserError("--data is required (or `data:` in --config)")
+            from flows import pipeline
+
+            if flow_name == "run":
+                _print(pipeline.pipeline_flow(settings), json_out, _print_run)
+            else:
+                _print(pipeline.extract_flow(settings), json_out,
+                       lambda s: typer.echo(json.dumps(s, indent=2, default=str)))
+
+        _guarded(body)
+
+    return command
+
+
+app.command("run", help="Scan, extract, reduce and classify: the whole pipeline. Cached "
+                        "features and reductions are reused.")(_pipeline_command("run"))
+app.command("extract", help="Scan the folder and fill the feature store only.")(
+    _pipeline_command("extract"))
+
+
+@app.command(help="Re-run only scaling/PCA and the classifiers on stored features: never "
+                  "touches images or builds the backbone.")
+def classify(features: Features, store: Store = None, runs: Runs = None,
+             classifiers: Classifiers = None, variance: Variance = None,
+             pca_method: PcaMethod = None, split: Split = None, test_size: TestSize = None,
+             group_regex: GroupRegex = None, seed: Seed = None,
+             dask_address: DaskAddress = None, workers: Workers = None,
+             config: Config = None, json_out: JsonOut = False) -> None:
+    flags = {k: v for k, v in locals().items() if k not in ("json_out", "features")}
+
+    def body() -> None:
+        from flows.pipeline import classify_flow
+
+        keys = [part.strip() for part in features.split(",") if part.strip()]
+        _print(classify_flow(_settings(**flags), keys), json_out, _print_run)
+
+    _guarded(body)
+
+
+@app.command(help="Fit scaling + PCA on stored features (train rows only) and cache it.")
+def reduce(features: Features, store: Store = None, variance: Variance = None,
+           pca_method: PcaMethod = None, split: Split = None, test_size: TestSize = None,
+           group_regex: GroupRegex = None, seed: Seed = None,
+           dask_address: DaskAddress = None, workers: Workers = None,
+           config: Config = None, json_out: JsonOut = False) -> None:
+    flags = {k: v for k, v in locals().items() if k not in ("json_out", "features")}
+
+    def body() -> None:
+        from flows.pipeline import reduce_flow
+
+        settings = _settings(**flags)
+        key = features.split(",")[0].strip()
+        from tasks.store import FeatureStore
+
+        full_key = FeatureStore(settings.store).find(key)[1]
+        _print(reduce_flow(settings, full_key), json_out,
+               lambda s: typer.echo(json.dumps(s, indent=2, default=str)))
+
+    _guarded(body)
+
+
+@app.command(help="Write the digits demo set to data/demo and run the pipeline on it "
+                  "(VGG16, offline hed-vgg16 weights, 48px).")
+def demo(store: Store = None, runs: Runs = None, json_out: JsonOut = False) -> None:
+    def body() -> None:
+        from flows.pipeline import pipeline_flow
+        from tasks.demo_data import write_digits
+
+        folder = write_digits(Path("data/demo/digits"))
+        settings = _settings(data=folder, store=store or "data/stores/demo", runs=runs,
+                             backbone="vgg16", weights="hed-vgg16", image_size=48,
+                             layers=["block4_pool"], pooling=None)
+        _print(pipeline_flow(settings), json_out, _print_run)
+
+    _guarded(body)
+
+
+@store_app.command("ls", help="Feature arrays and reductions: shapes, sizes, keys, completeness.")
+def store_ls(store: Store = None, json_out: JsonOut = False) -> None:
+    def body() -> None:
+        from tasks.store import FeatureStore
+
+        feature_store = FeatureStore(store or "featurepipe-store")
+        rows = [a.summary() for a in feature_store.feature_arrays()]
+        rows += [{"key": key, "kind": "reduced", "feature_key": attrs.get("feature_key"),
+                  "n_components": attrs.get("n_components"), "method": attrs.get("method"),
+                  "complete": attrs.get("complete")}
+                 for key, attrs in feature_store.reductions()]
+        if json_out:
+            _print({"store": feature_store.location, "arrays": rows}, True, print)
+            return
+        for row in rows:
+            if row["kind"] == "features":
+                typer.echo(f"features {row['key']}  {row['backbone']}/{row['layer']} "
+                           f"{row['image_size']}px {row['weights']}  shape {row['shape']} "
+                           f"{row['dtype']}  {row['stored_bytes'] / 1e6:.1f} MB  "
+                           f"chunks {row['chunks_done']}/{row['chunks_total']}")
+            else:
+                typer.echo(f"reduced  {row['key']}  from {row['feature_key']}  "
+                           f"{row['n_components']} components ({row['method']})")
+        if not rows:
+            typer.echo(f"{feature_store.location}: empty")
+
+    _guarded(body)
+
+
+@store_app.command("info", help="Every attribute of one array (key or unique prefix).")
+def store_info(key: str, store: Store = None) -> None:
+    def body() -> None:
+        from tasks.store import FeatureStore
+
+        feature_store = FeatureStore(store or "featurepipe-store")
+        kind, full = feature_store.find(key)
+        attrs = feature_store.root[f"{kind}/{full}"].attrs.asdict()
+        if kind == "features":
+            attrs = {**feature_store.feature_array(full).summary(), **attrs}
+        attrs.pop("manifest", None)
+        attrs.pop("train_rows", None)
+        typer.echo(json.dumps({"kind": kind, **attrs}, indent=2, default=str))
+
+    _guarded(body)
+
+
+@store_app.command("verify", help="Read every chunk back; report missing or unreadable ones. "
+                                  "--repair forgets bad chunks so the next extract redoes them.")
+def store_verify(store: Store = None, repair: bool = False, json_out: JsonOut = False) -> None:
+    def body() -> None:
+        from tasks.store import FeatureStore
+
+        feature_store = FeatureStore(store or "featurepipe-store")
+        report = {}
+        for array in feature_store.feature_arrays():
+            problems = array.verify()
+            report[array.key] = problems
+            if repair:
+                for line in problems:
+                    array.unmark_chunk(int(line.split(":")[0].split()[1]))
+        bad = {key: problems for key, problems in report.items() if problems}
+        if json_out:
+            _print({"ok": not bad, "problems": bad}, True, print)
+        else:
+            for key, problems in report.items():
+                typer.echo(f"{key}: {'ok' if not problems else '; '.join(problems)}")
+        if bad and not repair:
+            raise typer.Exit(1)
+
+    _guarded(body)
+
+
+@store_app.command("rm", help="Remove one array or reduction (key or unique prefix).")
+def store_rm(key: str, store: Store = None) -> None:
+    def body() -> None:
+        from tasks.store import FeatureStore
+
+        typer.echo(f"removed {FeatureStore(store or 'featurepipe-store').remove(key)}")
+
+    _guarded(body)
+
+
+@store_app.command("gc", help="Remove orphaned reductions and manifests.")
+def store_gc(store: Store = None) -> None:
+    def body() -> None:
+        from tasks.store import FeatureStore
+
+        removed = FeatureStore(store or "featurepipe-store").gc()
+        typer.echo("\n".join(f"removed {item}" for item in removed) or "nothing to remove")
+
+    _guarded(body)
+
+
+@runs_app.command("ls", help="Runs, newest first, with accuracy per classifier.")
+def runs_ls(runs: Runs = None, json_out: JsonOut = False) -> None:
+    def body() -> None:
+        from tasks.report import list_runs
+
+        rows = list_runs(runs or Path("runs"))
+        if json_out:
+            _print({"runs": rows}, True, print)
+            return
+        for row in rows:
+            typer.echo(json.dumps(row, default=str))
+
+    _guarded(body)
+
+
+@runs_app.command("show", help="The Markdown report of one run.")
+def runs_show(run_id: str, runs: Runs = None) -> None:
+    def body() -> None:
+        report = (runs or Path("runs")) / run_id / "report.md"
+        if not report.is_file():
+            raise UserError(f"no run {run_id} in {runs or Path('runs')}")
+        typer.echo(report.read_text())
+
+    _guarded(body)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

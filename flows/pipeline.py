@@ -1,0 +1,166 @@
+"""Prefect flows: extract, reduce, classify and the pipeline that chains them.
+
+Thin wiring only: each task calls one plain function from tasks/, and the store's content keys
+(not Prefect's run-scoped cache) decide what is recomputed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from flows.progress import ExtractProgress
+from flows.settings import PipelineSettings
+from tasks.dataset import Manifest, scan
+from tasks.extract import ExtractResult, extract
+from tasks.splits import split_rows
+from tasks.stages import ReduceOutcome, classify_run, reduce_cached
+from tasks.store import FeatureStore
+
+
+def _run_name() -> str:
+    settings = flow_run.parameters.get("settings")
+    if isinstance(settings, dict):
+        settings = PipelineSettings(**settings)
+    layers = ",".join(settings.layers) or "default-layer"
+    return f"{Path(settings.data).name}-{settings.backbone}-{layers}"
+
+
+@task(name="scan", cache_policy=NO_CACHE)
+def scan_task(data: Path, limit_per_class: int | None) -> Manifest:
+    manifest = scan(data, limit_per_class)
+    get_run_logger().info("scanned %s: %d images, %d classes, %d skipped", data,
+                          len(manifest.records), len(manifest.class_names), len(manifest.skipped))
+    return manifest
+
+
+@task(name="extract", cache_policy=NO_CACHE, task_run_name="extract-{settings.backbone}")
+def extract_task(manifest: Manifest, settings: PipelineSettings) -> ExtractResult:
+    store = FeatureStore(settings.store)
+    with ExtractProgress(f"extract {settings.backbone}") as progress:
+        result = extract(manifest, store, settings.extract_settings(), progress)
+    get_run_logger().info("features: %d computed, %d cached (%.1f s)", result.images_computed,
+                          result.images_cached, result.seconds)
+    return result
+
+
+@task(name="reduce", cache_policy=NO_CACHE, task_run_name="reduce-{layer}")
+def reduce_task(settings: PipelineSettings, layer: str, feature_key: str,
+                train_rows: np.ndarray) -> ReduceOutcome:
+    from tasks.cluster import dask_client
+
+    store = FeatureStore(settings.store)
+    with dask_client(settings.dask_address, settings.workers):
+        outcome = reduce_cached(store, feature_key, train_rows, settings.pca_method,
+                                settings.variance)
+    get_run_logger().info("%s: %d components (%s, %s)", layer, outcome.n_components,
+                          outcome.method, "cached" if outcome.cached else "fitted")
+    return outcome
+
+
+@task(name="classify", cache_policy=NO_CACHE, task_run_name="classify-{layer}")
+def classify_task(settings: PipelineSettings, layer: str, manifest: Manifest,
+                  reduction: ReduceOutcome, train_rows: np.ndarray, test_rows: np.ndarray,
+                  extras: dict) -> dict:
+    from tasks.report import metrics_table, new_run_id, run_summary_markdown
+
+    run_id = new_run_id()
+    run_dir = Path(settings.runs) / run_id
+    run_settings = {**settings.model_dump(mode="json"), "layer": layer}
+    report = classify_run(FeatureStore(settings.store), manifest, reduction, train_rows,
+                          test_rows, settings.classifiers, run_dir, run_settings,
+                          seed=settings.seed, extras=extras)
+    create_table_artifact(metrics_table(report), description=f"metrics {layer}")
+    create_markdown_artifact(run_summary_markdown(report), description=f"report {layer}")
+    create_link_artifact(run_dir.resolve().as_uri(), link_text=f"run folder {run_id}")
+    return {"run_id": run_id, "run_dir": str(run_dir), "report": report}
+
+
+def _accuracy(report: dict) -> dict[str, float]:
+    return {name: result["metrics"]["accuracy"]
+            for name, result in report["classifiers"].items()}
+
+
+def _reduce_and_classify(settings: PipelineSettings, manifest: Manifest,
+                         feature_keys: dict[str, str], extras: dict) -> dict[str, dict]:
+    """Per layer: split, reduce (cached by key), classify; the part shared by all flows."""
+    train, test = split_rows(manifest, settings.split, settings.test_size, settings.seed,
+                             settings.group_regex)
+    layers = {}
+    for layer, feature_key in feature_keys.items():
+        reduction = reduce_task(settings, layer, feature_key, train)
+        run = classify_task(settings, layer, manifest, reduction, train, test, extras)
+        layers[layer] = {"feature_key": feature_key, "reduce_key": reduction.key,
+                         "n_components": reduction.n_components, "pca_method": reduction.method,
+                         "reduce_cached": reduction.cached,
+                         "run_id": run["run_id"], "run_dir": run["run_dir"],
+                         "accuracy": _accuracy(run["report"])}
+    return layers
+
+
+def _summary(settings: PipelineSettings, manifest: Manifest, layers: dict[str, dict],
+             extracted: ExtractResult | None) -> dict:
+    first = next(iter(layers.values()))
+    total = len(manifest.records)
+    return {"images_total": total,
+            "images_computed": extracted.images_computed if extracted else 0,
+            "images_cached": extracted.images_cached if extracted else total,
+            "images_skipped": len(manifest.skipped),
+            "skipped": [asdict(s) for s in manifest.skipped], "store": settings.store,
+            "manifest_key": manifest.key, "class_names": manifest.class_names,
+            "run_id": first["run_id"], "run_dir": first["run_dir"],
+            "n_components": first["n_components"], "accuracy": first["accuracy"],
+            "layers": layers, "flow_run_id": str(flow_run.id),
+            "extract_seconds": extracted.seconds if extracted else 0.0,
+            "images_per_second": extracted.images_per_second if extracted else None}
+
+
+@flow(name="extract", flow_run_name=_run_name)
+def extract_flow(settings: PipelineSettings) -> dict:
+    """Scan the image folder and fill the feature store (one backbone pass for all layers)."""
+    manifest = scan_task(settings.data, settings.limit_per_class)
+    extracted = extract_task(manifest, settings)
+    return {**asdict(extracted), "store": settings.store, "manifest_key": manifest.key,
+            "images_skipped": len(manifest.skipped),
+            "skipped": [asdict(s) for s in manifest.skipped], "flow_run_id": str(flow_run.id)}
+
+
+@flow(name="reduce", flow_run_name=_run_name)
+def reduce_flow(settings: PipelineSettings, feature_key: str) -> dict:
+    """Fit scaling + PCA on the train rows of stored features; no images, no backbone."""
+    store = FeatureStore(settings.store)
+    manifest = store.manifest_for(feature_key)
+    train, _ = split_rows(manifest, settings.split, settings.test_size, settings.seed,
+                          settings.group_regex)
+    return asdict(reduce_task(settings, "features", feature_key, train))
+
+
+@flow(name="classify", flow_run_name=_run_name)
+def classify_flow(settings: PipelineSettings, feature_keys: list[str]) -> dict:
+    """Re-run only the classifier stage on stored features: never builds the backbone."""
+    store = FeatureStore(settings.store)
+    keys = {}
+    for prefix in feature_keys:
+        array = store.feature_array(store.find(prefix)[1])
+        keys[array.attrs.get("layer", array.key)] = array.key
+    manifest = store.manifest_for(next(iter(keys.values())))
+    layers = _reduce_and_classify(settings, manifest, keys, {})
+    return _summary(settings, manifest, layers, None)
+
+
+@flow(name="pipeline", flow_run_name=_run_name)
+def pipeline_flow(settings: PipelineSettings) -> dict:
+    """Scan -> extract (one backbone pass for all layers) -> per layer: reduce -> classify."""
+    manifest = scan_task(settings.data, settings.limit_per_class)
+    extracted = extract_task(manifest, settings)
+    extras = {"skipped": [asdict(s) for s in manifest.skipped],
+              "extract_seconds": extracted.seconds,
+              "images_per_second": extracted.images_per_second}
+    layers = _reduce_and_classify(settings, manifest, extracted.feature_keys, extras)
+    return _summary(settings, manifest, layers, extracted)

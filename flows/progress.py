@@ -1,0 +1,59 @@
+"""Progress for long extractions: a rich bar on stderr and a Prefect progress artifact.
+
+Both are throttled so that reporting never slows the backbone down.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.context import TaskRunContext
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
+
+
+class ExtractProgress:
+    """Callable progress sink: `progress(done, total)` in images."""
+
+    def __init__(self, description: str, min_interval: float = 2.0) -> None:
+        self.description = description
+        self.min_interval = min_interval
+        self.began = time.perf_counter()
+        self.last_artifact = 0.0
+        self.artifact_id = None
+        self.bar: Progress | None = None
+        self.task_id = None
+
+    def __enter__(self) -> ExtractProgress:
+        if TaskRunContext.get() is not None:
+            self.artifact_id = create_progress_artifact(0.0, description=self.description)
+        console = Console(file=sys.stderr)
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
+                            console=console, transient=False,
+                            disable=not console.is_terminal)
+        self.bar.start()
+        self.task_id = self.bar.add_task(self.description, total=None, rate="")
+        return self
+
+    def __call__(self, done: int, total: int) -> None:
+        rate = done / max(time.perf_counter() - self.began, 1e-9)
+        if self.bar is not None:
+            self.bar.update(self.task_id, completed=done, total=total, rate=f"{rate:.1f} img/s")
+        now = time.perf_counter()
+        if self.artifact_id and (now - self.last_artifact >= self.min_interval or done == total):
+            update_progress_artifact(self.artifact_id, 100.0 * done / max(total, 1),
+                                     description=f"{self.description}: {rate:.1f} images/s")
+            self.last_artifact = now
+
+    def __exit__(self, *exc_info) -> None:
+        if self.bar is not None:
+            self.bar.stop()

@@ -1,0 +1,91 @@
+"""One validated settings model for every flow and command, from flags and/or a YAML/TOML file.
+
+Pydantic gives users precise messages for bad values and gives the Prefect UI a typed form.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tasks.errors import UserError
+from tasks.extract import ExtractSettings
+
+
+class SettingsError(UserError):
+    """Invalid settings; the message lists every problem in user terms."""
+
+
+class PipelineSettings(BaseModel):
+    """Every knob of a featurepipe run, with the original notebook's choices as defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: Path | None = Field(None, description="Image folder: one sub-folder per class "
+                                                "(optionally inside train/ valid/ test/)")
+    store: str = Field("featurepipe-store", description="Feature store location (Zarr)")
+    runs: Path = Field(Path("runs"), description="Folder that receives one folder per run")
+    backbone: str = "vgg16"
+    weights: str = Field("imagenet", description="imagenet, hed-vgg16, none, or a weights file")
+    layers: list[str] = Field(default_factory=list, description="Cut layers; empty = default")
+    image_size: int | None = Field(None, ge=8, le=1024)
+    pooling: Literal["avg", "max"] | None = None
+    dtype: Literal["float32", "float16"] = "float32"
+    batch_size: int = Field(16, ge=1, le=1024)
+    limit_per_class: int | None = Field(None, ge=1)
+    variance: float = Field(0.8, gt=0.0, le=1.0, description="PCA variance target")
+    pca_method: Literal["gram", "randomized", "incremental"] = "gram"
+    classifiers: list[str] = Field(default_factory=lambda: ["svm", "logreg"])
+    split: Literal["auto", "stratified", "grouped", "folder"] = "auto"
+    test_size: float = Field(0.25, gt=0.0, lt=1.0)
+    group_regex: str | None = None
+    seed: int = 0
+    dask_address: str | None = Field(None, description="tcp://host:port of a Dask scheduler")
+    workers: int = Field(1, ge=1, le=64, description="Local Dask worker processes")
+
+    @field_validator("layers", "classifiers", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    def extract_settings(self) -> ExtractSettings:
+        return ExtractSettings(backbone=self.backbone, weights=self.weights,
+                               layers=tuple(self.layers), image_size=self.image_size,
+                               pooling=self.pooling, dtype=self.dtype,
+                               batch_size=self.batch_size, seed=self.seed)
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """Read a YAML or TOML file into a dict (keys may use - or _)."""
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise SettingsError(f"cannot read config file {path}: {error}") from error
+    try:
+        data = tomllib.loads(text) if path.suffix.lower() == ".toml" else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as error:
+        raise SettingsError(f"config file {path} is not valid: {error}") from error
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SettingsError(f"config file {path} must hold a mapping of settings")
+    return {str(key).replace("-", "_"): value for key, value in data.items()}
+
+
+def load_settings(config: Path | None = None, **flags: Any) -> PipelineSettings:
+    """Merge a config file with flags (flags win; None means 'not given') and validate."""
+    values = read_config(config) if config else {}
+    values.update({key: value for key, value in flags.items() if value is not None})
+    try:
+        return PipelineSettings(**values)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}"
+            for e in error.errors())
+        raise SettingsError(f"invalid settings: {problems}") from None

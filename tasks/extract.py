@@ -1,0 +1,225 @@
+"""Stream a manifest through a backbone into the feature store, chunk by chunk, resumably.
+
+Decoding runs in a thread pool ahead of inference and chunk writes run in a writer thread, so
+the backbone rarely waits. Only chunks whose done flag is missing are computed, which makes a
+second run free and a killed run resume where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tasks.backbones import (
+    BackboneSpec,
+    WeightsChoice,
+    build_feature_model,
+    get_spec,
+    load_preprocess,
+    resolve_weights,
+)
+from tasks.dataset import Manifest
+from tasks.images import RESIZE_METHOD, load_rgb
+from tasks.store import FeatureArray, FeatureStore
+
+EXTRACT_VERSION = "1"  # bump when a code change alters the features for the same settings
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class ExtractSettings:
+    """Everything that decides which features are computed (plus how fast)."""
+
+    backbone: str = "vgg16"
+    weights: str = "imagenet"
+    layers: tuple[str, ...] = ()
+    image_size: int | None = None
+    pooling: str | None = None
+    dtype: str = "float32"
+    batch_size: int = 16
+    seed: int = 0
+    decode_workers: int = 2
+    chunk_mb: float = 16.0  # storage layout only: not part of the feature key
+
+
+@dataclass
+class ExtractResult:
+    """What an extraction produced and how much of it came from the cache."""
+
+    feature_keys: dict[str, str]
+    images_total: int
+    images_computed: int
+    images_cached: int
+    seconds: float
+    images_per_second: float | None = None
+    n_features: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ExtractPlan:
+    """Resolved settings and the content key of every requested layer (no TensorFlow needed)."""
+
+    spec: BackboneSpec
+    weights: WeightsChoice
+    image_size: int
+    layers: tuple[str, ...]
+    identities: dict[str, dict]
+
+    def key(self, layer: str) -> str:
+        return feature_key(self.identities[layer])
+
+
+def feature_key(identity: dict) -> str:
+    """Content key of a feature array: hash of everything that changes its values."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def plan_extraction(manifest: Manifest, settings: ExtractSettings) -> ExtractPlan:
+    """Resolve names, sizes and weights and derive one content key per layer."""
+    spec = get_spec(settings.backbone)
+    weights = resolve_weights(spec, settings.weights, settings.seed)
+    size = settings.image_size or spec.default_size
+    layers = tuple(dict.fromkeys(settings.layers or (spec.default_layer,)))
+    identities = {layer: {
+        "manifest_key": manifest.key, "backbone": spec.name, "weights": weights.identity,
+        "layer": layer, "image_size": size, "pooling": settings.pooling, "dtype": settings.dtype,
+        "preprocess": spec.preprocess, "resize": RESIZE_METHOD, "version": EXTRACT_VERSION,
+    } for layer in layers}
+    return ExtractPlan(spec, weights, size, layers, identities)
+
+
+def _decode_batch(paths: Sequence[Path], size: int, preprocess: Callable) -> np.ndarray:
+    batch = np.stack([load_rgb(path, size) for path in paths])
+    return np.asarray(preprocess(batch), dtype=np.float32)
+
+
+def _prefetched(batches: list[list[Path]], size: int, preprocess: Callable,
+                workers: int) -> Iterator[np.ndarray]:
+    """Decode batches in a thread pool, keeping `workers + 1` batches ahead of the consumer."""
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+        ahead: deque[Future] = deque()
+        for paths in batches:
+            ahead.append(pool.submit(_decode_batch, paths, size, preprocess))
+            if len(ahead) > workers:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
+
+
+class _ChunkAssembler:
+    """Collects one layer's rows and hands each completed chunk to the writer."""
+
+    def __init__(self, array: FeatureArray, write: Callable[[FeatureArray, int, np.ndarray], None]):
+        self.array, self.write = array, write
+        self.start: int | None = None
+        self.parts: list[np.ndarray] = []
+
+    def add(self, first_row: int, rows: np.ndarray) -> None:
+        if self.start is None:
+            self.start = first_row
+        self.parts.append(rows)
+        buffered = np.concatenate(self.parts) if len(self.parts) > 1 else self.parts[0]
+        while self.start is not None:
+            index = self.start // self.array.chunk_rows
+            chunk = self.array.chunk_slice(index)
+            if chunk.start != self.start or self.start + len(buffered) < chunk.stop:
+                break
+            used = chunk.stop - chunk.start
+            self.write(self.array, index, buffered[:used])
+            buffered = buffered[used:]
+            self.start = chunk.stop if len(buffered) else None
+        self.parts = [buffered] if len(buffered) else []
+
+
+def _units(arrays: list[FeatureArray], n_rows: int) -> list[tuple[int, int]]:
+    """Row ranges aligned to every array's chunks that still have a missing chunk."""
+    unit = max(a.chunk_rows for a in arrays)
+    missing = [set(a.missing_chunks()) for a in arrays]
+    todo = []
+    for start in range(0, n_rows, unit):
+        stop = min(start + unit, n_rows)
+        for array, gaps in zip(arrays, missing, strict=True):
+            first, last = start // array.chunk_rows, (stop - 1) // array.chunk_rows
+            if any(i in gaps for i in range(first, last + 1)):
+                todo.append((start, stop))
+                break
+    return todo
+
+
+def extract(manifest: Manifest, store: FeatureStore, settings: ExtractSettings,
+            progress: ProgressCallback | None = None) -> ExtractResult:
+    """Compute the missing feature chunks of every requested layer in one backbone pass."""
+    began = time.perf_counter()
+    plan = plan_extraction(manifest, settings)
+    store.save_manifest(manifest)
+    n_rows = len(manifest.records)
+    keys = {layer: plan.key(layer) for layer in plan.layers}
+    needed = [layer for layer in plan.layers
+              if (a := store.feature_array(keys[layer])) is None or not a.complete]
+    if not needed:
+        n_features = {layer: store.feature_array(keys[layer]).data.shape[1]
+                      for layer in plan.layers}
+        return ExtractResult(keys, n_rows, 0, n_rows, time.perf_counter() - began,
+                             n_features=n_features)
+
+    model = build_feature_model(plan.spec, plan.weights, plan.image_size, needed, settings.pooling)
+    widths = [int(np.prod(output.shape[1:])) for output in model.outputs]
+    arrays = [store.create_feature_array(
+        keys[layer], n_rows, width, settings.dtype,
+        {**plan.identities[layer], "class_names": manifest.class_names,
+         "settings": asdict(settings)}, chunk_bytes=int(settings.chunk_mb * (1 << 20)))
+        for layer, width in zip(needed, widths, strict=True)]
+    units = _units(arrays, n_rows)
+    rows = [(a, b) for start, stop in units
+            for a in range(start, stop, settings.batch_size)
+            for b in [min(a + settings.batch_size, stop)]]
+    total = sum(stop - start for start, stop in units)
+    computed = _run_batches(manifest, model, plan, settings, arrays, rows, total, progress)
+    seconds = time.perf_counter() - began
+    rate = computed / seconds if computed else None
+    for array in arrays:
+        store.update_attrs(array.key, {"extract_seconds": seconds, "images_per_second": rate})
+    n_features = {layer: store.feature_array(keys[layer]).data.shape[1] for layer in plan.layers}
+    return ExtractResult(keys, n_rows, computed, n_rows - computed, seconds, rate, n_features)
+
+
+def _run_batches(manifest: Manifest, model, plan: ExtractPlan, settings: ExtractSettings,
+                 arrays: list[FeatureArray], rows: list[tuple[int, int]], total: int,
+                 progress: ProgressCallback | None) -> int:
+    """Decode ahead, infer, and write finished chunks asynchronously; returns images computed."""
+    root = Path(manifest.root)
+    paths = [[root / manifest.records[i].path for i in range(a, b)] for a, b in rows]
+    preprocess = load_preprocess(plan.spec)
+    missing = {a.key: set(a.missing_chunks()) for a in arrays}
+    writes: deque[Future] = deque()
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") as writer:
+        def write(array: FeatureArray, index: int, values: np.ndarray) -> None:
+            if index not in missing[array.key]:
+                return  # this chunk was already complete; its rows were recomputed for others
+            writes.append(writer.submit(array.write_chunk, index, values.copy()))
+            while len(writes) > 2 * len(arrays):
+                writes.popleft().result()
+
+        assemblers = [_ChunkAssembler(array, write) for array in arrays]
+        computed = 0
+        batches = _prefetched(paths, plan.image_size, preprocess, settings.decode_workers)
+        for (start, stop), batch in zip(rows, batches, strict=True):
+            outputs = model.predict_on_batch(batch)
+            outputs = outputs if isinstance(outputs, list | tuple) else [outputs]
+            for assembler, output in zip(assemblers, outputs, strict=True):
+                assembler.add(start, np.asarray(output))
+            computed += stop - start
+            if progress:
+                progress(computed, total)
+        while writes:
+            writes.popleft().result()
+    return computed

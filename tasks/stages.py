@@ -1,0 +1,126 @@
+"""The reduce and classify stages as plain functions over the store, each cached by content key.
+
+They never touch images or build a backbone, so re-running the classifier stage costs only the
+classifiers themselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tasks.dataset import Manifest
+from tasks.splits import rows_key
+from tasks.store import FeatureStore, StoreError
+
+REDUCE_VERSION = "1"  # bump when a code change alters reductions for the same settings
+
+
+@dataclass
+class ReduceOutcome:
+    """Where the reduced rows are and how they were made."""
+
+    key: str
+    feature_key: str
+    n_components: int
+    method: str
+    cached: bool
+    seconds: float
+    explained_variance: float
+
+
+def reduce_key(feature_key: str, train_rows: np.ndarray, method: str, variance: float) -> str:
+    """Content key of a reduction: features + train rows + scaling/PCA settings."""
+    identity = {"feature_key": feature_key, "train_rows": rows_key(train_rows),
+                "scaling": "minmax", "method": method, "variance": variance,
+                "version": REDUCE_VERSION}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def reduce_cached(store: FeatureStore, feature_key: str, train_rows: np.ndarray,
+                  method: str = "gram", variance: float = 0.8) -> ReduceOutcome:
+    """Fit min-max + PCA on the train rows only, project every row, and store both.
+
+    Runs on whatever Dask scheduler is active (a distributed client if one is open).
+    """
+    from tasks.reduce import ScaledPCA
+
+    began = time.perf_counter()
+    key = reduce_key(feature_key, train_rows, method, variance)
+    cached = store.load_reduction(key)
+    if cached is not None:
+        attrs = cached[1]
+        return ReduceOutcome(key, feature_key, attrs["n_components"], attrs["method"], True,
+                             time.perf_counter() - began, attrs["explained_variance"])
+    features = store.feature_array(feature_key)
+    if features is None or not features.complete:
+        raise StoreError(f"features {feature_key} are missing or incomplete: run extract first")
+    data = features.as_dask()
+    pca = ScaledPCA(variance=variance, method=method).fit(data[np.sort(train_rows)])
+    projected = np.asarray(pca.transform(data).compute(), dtype=np.float32)
+    state, state_attrs = pca.to_state()
+    explained = float(np.sum(pca.explained_variance_ratio_))
+    attrs = {"feature_key": feature_key, "method": pca.method_,
+             "n_components": int(pca.n_components_), "variance": variance,
+             "explained_variance": explained, "train_rows": np.sort(train_rows).tolist(),
+             "pca": state_attrs, "seconds": time.perf_counter() - began}
+    store.save_reduction(key, {"projected": projected,
+                               **{f"pca_{name}": value for name, value in state.items()}}, attrs)
+    return ReduceOutcome(key, feature_key, int(pca.n_components_), pca.method_, False,
+                         time.perf_counter() - began, explained)
+
+
+def load_projected(store: FeatureStore, key: str) -> tuple[np.ndarray, dict]:
+    """The projected rows of a stored reduction and its attributes."""
+    loaded = store.load_reduction(key)
+    if loaded is None:
+        raise StoreError(f"no complete reduction {key} in {store.location}")
+    arrays, attrs = loaded
+    return arrays["projected"], attrs
+
+
+def load_pca(store: FeatureStore, key: str):
+    """The fitted ScaledPCA of a stored reduction (used by prediction)."""
+    from tasks.reduce import ScaledPCA
+
+    arrays, attrs = store.load_reduction(key) or ({}, {})
+    if not arrays:
+        raise StoreError(f"no complete reduction {key} in {store.location}")
+    state = {name[len("pca_"):]: value for name, value in arrays.items()
+             if name.startswith("pca_")}
+    return ScaledPCA.from_state(state, attrs["pca"])
+
+
+def classify_run(store: FeatureStore, manifest: Manifest, reduction: ReduceOutcome,
+                 train_rows: np.ndarray, test_rows: np.ndarray, classifiers: list[str],
+                 run_dir: Path, settings: dict, seed: int = 0, extras: dict | None = None) -> dict:
+    """Fit every classifier on cached reduced rows, evaluate on the test rows, write the run."""
+    from tasks.classify import train_and_evaluate
+    from tasks.plots import explained_variance_png
+    from tasks.report import write_run
+
+    projected, attrs = load_projected(store, reduction.key)
+    labels = np.asarray(manifest.labels)
+    results = [train_and_evaluate(name, projected[train_rows], labels[train_rows],
+                                  projected[test_rows], labels[test_rows],
+                                  manifest.class_names, seed=seed)
+               for name in classifiers]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cumulative = attrs["pca"].get("cumulative_variance_ratio")
+    if cumulative:
+        explained_variance_png(np.asarray(cumulative), reduction.n_components,
+                               attrs["variance"], run_dir / "pca_variance.png")
+    keys = {"manifest": manifest.key, "features": reduction.feature_key,
+            "reduction": reduction.key}
+    info = {"n_components": reduction.n_components, "pca_method": reduction.method,
+            "explained_variance": reduction.explained_variance,
+            "n_train": int(len(train_rows)), "n_test": int(len(test_rows)), **(extras or {})}
+    return write_run(run_dir, settings=settings, keys=keys, results=results,
+                     class_names=manifest.class_names,
+                     test_files=[manifest.records[i].path for i in test_rows],
+                     y_test=labels[test_rows], extras=info)
