@@ -26,6 +26,9 @@ store_app = typer.Typer(help="Inspect and maintain the feature store.", no_args_
 runs_app = typer.Typer(help="List and compare classifier runs.", no_args_is_help=True)
 app.add_typer(store_app, name="store")
 app.add_typer(runs_app, name="runs")
+backbones_app = typer.Typer(help="List backbones and check their ImageNet weights offline.",
+                            no_args_is_help=True)
+app.add_typer(backbones_app, name="backbones")
 
 Data = Annotated[Path | None, typer.Option(help="Image folder: one sub-folder per class, "
                                                 "optionally inside train/ valid/ test/.")]
@@ -102,6 +105,14 @@ def _print_run(summary: dict) -> None:
                " then the Runs page)")
 
 
+def _print_sweep(summary: dict) -> None:
+    _print_run(summary)
+    for row in summary["sweep"]:
+        typer.echo(f"{row['layer']:>16} {row['classifier']:>10}  accuracy {row['accuracy']:.3f}"
+                   f"  macro-F1 {row['macro_f1']:.3f}  {row['n_components']} components")
+    typer.echo(f"table: {summary['sweep_files']['md']}")
+
+
 def _pipeline_command(flow_name: str) -> Callable:
     """Build the `run`/`extract` command: same flags, different flow."""
 
@@ -124,6 +135,8 @@ def _pipeline_command(flow_name: str) -> Callable:
 
             if flow_name == "run":
                 _print(pipeline.pipeline_flow(settings), json_out, _print_run)
+            elif flow_name == "sweep":
+                _print(pipeline.sweep_flow(settings), json_out, _print_sweep)
             else:
                 _print(pipeline.extract_flow(settings), json_out,
                        lambda s: typer.echo(json.dumps(s, indent=2, default=str)))
@@ -137,6 +150,9 @@ app.command("run", help="Scan, extract, reduce and classify: the whole pipeline.
                         "features and reductions are reused.")(_pipeline_command("run"))
 app.command("extract", help="Scan the folder and fill the feature store only.")(
     _pipeline_command("extract"))
+app.command("sweep", help="Extract several layers in one backbone pass, reduce and classify "
+                          "each, and write one comparison table (Markdown, CSV, bar chart).")(
+    _pipeline_command("sweep"))
 
 
 @app.command(help="Re-run only scaling/PCA and the classifiers on stored features: never "
@@ -176,6 +192,28 @@ def reduce(features: Features, store: Store = None, variance: Variance = None,
         full_key = FeatureStore(settings.store).find(key)[1]
         _print(reduce_flow(settings, full_key), json_out,
                lambda s: typer.echo(json.dumps(s, indent=2, default=str)))
+
+    _guarded(body)
+
+
+@app.command(help="Predict new images with a finished run: same backbone, layer, scaling, "
+                  "PCA and model. Writes a CSV of file, predicted class and per-class scores.")
+def predict(run: Annotated[str, typer.Option(help="Run id (see `featurepipe runs ls`).")],
+            data: Annotated[Path, typer.Option(help="Folder of images (flat, or class "
+                                                    "sub-folders whose names are kept).")],
+            out: Annotated[Path, typer.Option(help="CSV to write.")] = Path("predictions.csv"),
+            classifier: Annotated[str | None, typer.Option(help="Classifier of the run "
+                                                                "[its best].")] = None,
+            store: Store = None, runs: Runs = None, json_out: JsonOut = False) -> None:
+    def body() -> None:
+        from flows.pipeline import predict_flow
+
+        run_dir = (runs or Path("runs")) / run
+        if not (run_dir / "report.json").is_file():
+            raise UserError(f"no finished run {run} in {runs or Path('runs')}")
+        summary = predict_flow(run_dir, data, out, store or "featurepipe-store", classifier)
+        _print(summary, json_out, lambda s: typer.echo(
+            f"{s['predictions']} predictions ({s['classifier']}) written to {s['csv']}"))
 
     _guarded(body)
 
@@ -311,6 +349,60 @@ def runs_show(run_id: str, runs: Runs = None) -> None:
         if not report.is_file():
             raise UserError(f"no run {run_id} in {runs or Path('runs')}")
         typer.echo(report.read_text())
+
+    _guarded(body)
+
+
+@backbones_app.command("ls", help="Backbones with default size, default cut layer and weight "
+                                   "options; --cut-points NAME lists every cut layer of one.")
+def backbones_ls(cut_points: Annotated[str | None, typer.Option(
+        help="Backbone whose cut layers to list (builds it with random weights).")] = None,
+                 json_out: JsonOut = False) -> None:
+    def body() -> None:
+        from tasks.backbones import BACKBONES, build_base, get_spec, resolve_weights
+        from tasks.backbones import cut_points as cuts
+
+        rows = [{"name": spec.name, "default_size": spec.default_size,
+                 "default_layer": spec.default_layer,
+                 "weights": ["imagenet" + (" (offline)" if spec.imagenet_file else ""),
+                             *spec.offline_weights, "none", "PATH"]}
+                for spec in BACKBONES.values()]
+        if cut_points:
+            spec = get_spec(cut_points)
+            model = build_base(spec, resolve_weights(spec, "none"), spec.default_size)
+            rows = [{"name": spec.name, "cut_points": cuts(model)}]
+        if json_out:
+            _print({"backbones": rows}, True, print)
+            return
+        for row in rows:
+            if "cut_points" in row:
+                typer.echo(f"{row['name']} cut points: {', '.join(row['cut_points'])}")
+            else:
+                typer.echo(f"{row['name']:<18} {row['default_size']:>4}px  layer "
+                           f"{row['default_layer']:<22} weights: {', '.join(row['weights'])}")
+
+    _guarded(body)
+
+
+@backbones_app.command("check", help="Run the backbone's ImageNet head on photos shipped with "
+                                      "scikit-image and print the top-5 classes by name.")
+def backbones_check(name: str, weights: Weights = None, json_out: JsonOut = False) -> None:
+    def body() -> None:
+        from tasks.backbone_check import top5_on_photos
+        from tasks.backbones import build_base, get_spec, load_preprocess, resolve_weights
+
+        spec = get_spec(name)
+        choice = resolve_weights(spec, weights or "imagenet")
+        if choice.option not in ("imagenet", "file"):
+            raise UserError("checking needs ImageNet weights (--weights imagenet or a file)")
+        model = build_base(spec, choice, spec.default_size, include_top=True)
+        results = top5_on_photos(model, load_preprocess(spec), spec.default_size)
+        if json_out:
+            _print({"backbone": spec.name, "weights": choice.identity,
+                    "photos": {photo: top for photo, top in results}}, True, print)
+            return
+        for photo, top in results:
+            typer.echo(f"{photo}: " + ", ".join(f"{label} {p:.2f}" for label, p in top))
 
     _guarded(body)
 

@@ -72,7 +72,8 @@ def classify_task(settings: PipelineSettings, layer: str, manifest: Manifest,
 
     run_id = new_run_id()
     run_dir = Path(settings.runs) / run_id
-    run_settings = {**settings.model_dump(mode="json"), "layer": layer}
+    run_settings = {**settings.model_dump(mode="json"), "layer": layer,
+                    "dataset": str(settings.data or manifest.root)}
     report = classify_run(FeatureStore(settings.store), manifest, reduction, train_rows,
                           test_rows, settings.classifiers, run_dir, run_settings,
                           seed=settings.seed, extras=extras)
@@ -99,6 +100,7 @@ def _reduce_and_classify(settings: PipelineSettings, manifest: Manifest,
         layers[layer] = {"feature_key": feature_key, "reduce_key": reduction.key,
                          "n_components": reduction.n_components, "pca_method": reduction.method,
                          "reduce_cached": reduction.cached,
+                         "reduce_seconds": reduction.seconds,
                          "run_id": run["run_id"], "run_dir": run["run_dir"],
                          "accuracy": _accuracy(run["report"])}
     return layers
@@ -163,4 +165,37 @@ def pipeline_flow(settings: PipelineSettings) -> dict:
               "extract_seconds": extracted.seconds,
               "images_per_second": extracted.images_per_second}
     layers = _reduce_and_classify(settings, manifest, extracted.feature_keys, extras)
+    for layer, info in layers.items():
+        info["n_features"] = extracted.n_features.get(layer)
     return _summary(settings, manifest, layers, extracted)
+
+
+@flow(name="sweep", flow_run_name=_run_name)
+def sweep_flow(settings: PipelineSettings) -> dict:
+    """The notebook's experiment: every layer from one backbone pass, reduced, classified and
+    compared in one table (Markdown, CSV, bar chart, Prefect table artifact)."""
+    from tasks.report import read_report
+    from tasks.sweep import sweep_rows, write_sweep
+
+    summary = pipeline_flow(settings)
+    reports = {layer: read_report(Path(info["run_dir"]))
+               for layer, info in summary["layers"].items()}
+    rows = sweep_rows(summary["layers"], reports)
+    folder = Path(settings.runs) / f"sweep-{summary['run_id']}"
+    paths = write_sweep(rows, folder, f"Layer sweep: {settings.backbone} on {settings.data}, "
+                                      f"split {settings.split}")
+    create_table_artifact(rows, key="layer-sweep", description="accuracy per layer")
+    return {**summary, "sweep": rows, "sweep_files": {k: str(v) for k, v in paths.items()}}
+
+
+@flow(name="predict")
+def predict_flow(run_dir: Path, data: Path, out: Path, store: str = "featurepipe-store",
+                 classifier: str | None = None) -> dict:
+    """Predict new images with a finished run and write a CSV (file, class, scores)."""
+    from tasks.predict import predict_folder, write_predictions_csv
+
+    rows, manifest, info = predict_folder(run_dir, data, FeatureStore(store), classifier)
+    write_predictions_csv(rows, out)
+    get_run_logger().info("%d predictions written to %s", len(rows), out)
+    return {**info, "predictions": len(rows), "csv": str(out),
+            "skipped": [asdict(s) for s in manifest.skipped]}

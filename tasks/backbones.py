@@ -33,6 +33,8 @@ class BackboneSpec:
     min_size: int
     default_layer: str
     offline_weights: tuple[str, ...] = ()
+    # dotted path of a function returning a local ImageNet weights file (offline "imagenet")
+    imagenet_file: str | None = None
 
 
 def _keras_app(name: str, cls: str, module: str, size: int, min_size: int, layer: str,
@@ -51,6 +53,9 @@ BACKBONES: dict[str, BackboneSpec] = {spec.name: spec for spec in (
     _keras_app("xception", "Xception", "xception", 299, 71, "block14_sepconv2_act"),
     _keras_app("mobilenetv2", "MobileNetV2", "mobilenet_v2", 224, 32, "out_relu"),
     _keras_app("efficientnetb0", "EfficientNetB0", "efficientnet", 224, 32, "top_activation"),
+    BackboneSpec("efficientnet-lite0", "tasks.efficientnet_lite.build_efficientnet_lite0",
+                 "tasks.efficientnet_lite.preprocess_input", 224, 32, "avg_pool",
+                 imagenet_file="tasks.efficientnet_lite.imagenet_weights_path"),
 )}
 
 
@@ -89,6 +94,9 @@ def resolve_weights(spec: BackboneSpec, weights: str, seed: int = 0) -> WeightsC
     if option.lower() in ("none", "random"):
         return WeightsChoice("none", None, f"random:seed={seed}")
     if option.lower() == "imagenet":
+        if spec.imagenet_file:
+            path = _import(spec.imagenet_file)()
+            return WeightsChoice("imagenet", path, f"imagenet:{file_sha256(path)[:16]}")
         return WeightsChoice("imagenet", None, f"keras-imagenet:{spec.constructor}")
     if option.lower() == "hed-vgg16":
         if "hed-vgg16" not in spec.offline_weights:
@@ -103,22 +111,27 @@ def resolve_weights(spec: BackboneSpec, weights: str, seed: int = 0) -> WeightsC
     return WeightsChoice("file", path.resolve(), f"file:{file_sha256(path)[:16]}")
 
 
-def load_preprocess(spec: BackboneSpec) -> Callable:
-    """The backbone's own preprocess_input (imports Keras)."""
-    module, _, attr = spec.preprocess.rpartition(".")
+def _import(dotted: str) -> Callable:
+    module, _, attr = dotted.rpartition(".")
     return getattr(importlib.import_module(module), attr)
 
 
-def _construct(spec: BackboneSpec, weights: WeightsChoice, image_size: int):
+def load_preprocess(spec: BackboneSpec) -> Callable:
+    """The backbone's own preprocess_input (imports Keras)."""
+    return _import(spec.preprocess)
+
+
+def build_base(spec: BackboneSpec, weights: WeightsChoice, image_size: int,
+               include_top: bool = False):
+    """The backbone with the chosen weights; include_top keeps the ImageNet classifier head."""
     import keras
 
-    module, _, attr = spec.constructor.rpartition(".")
-    constructor = getattr(importlib.import_module(module), attr)
+    constructor = _import(spec.constructor)
     if weights.option == "none":
         keras.utils.set_random_seed(int(weights.identity.rsplit("=", 1)[1]))
     keras_weights = {"imagenet": "imagenet", "file": str(weights.path)}.get(weights.option)
     try:
-        model = constructor(include_top=False, weights=keras_weights,
+        model = constructor(include_top=include_top, weights=keras_weights,
                             input_shape=(image_size, image_size, 3))
     except Exception as error:  # Keras raises many types for a failed download
         if weights.option == "imagenet" and _looks_like_download_failure(error):
@@ -174,7 +187,7 @@ def build_feature_model(spec: BackboneSpec, weights: WeightsChoice, image_size: 
 
     if image_size < spec.min_size:
         raise BackboneError(f"{spec.name} needs --image-size of at least {spec.min_size}")
-    base = _construct(spec, weights, image_size)
+    base = build_base(spec, weights, image_size)
     outputs = []
     for name in layers:
         try:

@@ -18,7 +18,7 @@ def write_digits(folder: str | Path, per_class: int | None = None, upscale: int 
     Each 8x8 image (values 0..16) becomes an 8-bit grayscale PNG upscaled `upscale` times.
     """
     folder = Path(folder)
-    marker = folder / ".complete"
+    marker = folder.parent / f".{folder.name}.complete"  # outside the dataset: not an image
     if marker.exists() and marker.read_text() == f"{per_class}:{upscale}":
         return folder
     digits = load_digits()
@@ -33,5 +33,6 @@ def write_digits(folder: str | Path, per_class: int | None = None, upscale: int 
         target = folder / str(label) / f"digit_{index:04d}.png"
         target.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(pixels, mode="L").save(target)
+    marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(f"{per_class}:{upscale}")
     return folder

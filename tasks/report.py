@@ -23,6 +23,7 @@ import joblib
 import numpy as np
 
 from tasks.classify import KERAS_HEADS, ClassifierResult
+from tasks.errors import UserError
 from tasks.plots import confusion_png, learning_curves_png
 
 REPORT_JSON = "report.json"
@@ -30,7 +31,7 @@ REPORT_MD = "report.md"
 MODELS_DIR = "models"
 
 
-class ModelIntegrityError(RuntimeError):
+class ModelIntegrityError(UserError):
     """A model file is missing from the report or its sha256 differs from the recorded one."""
 
 
