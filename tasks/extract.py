@@ -155,13 +155,26 @@ def _units(arrays: list[FeatureArray], n_rows: int) -> list[tuple[int, int]]:
 
 
 def extract(manifest: Manifest, store: FeatureStore, settings: ExtractSettings,
-            progress: ProgressCallback | None = None) -> ExtractResult:
-    """Compute the missing feature chunks of every requested layer in one backbone pass."""
+            progress: ProgressCallback | None = None,
+            on_wait: Callable[[], None] | None = None) -> ExtractResult:
+    """Compute the missing feature chunks of every requested layer in one backbone pass.
+
+    A concurrent extraction of the same features (another process or a scheduled run) is
+    waited for, then reused; `on_wait` is called once if that happens.
+    """
     began = time.perf_counter()
     plan = plan_extraction(manifest, settings)
     store.save_manifest(manifest)
-    n_rows = len(manifest.records)
     keys = {layer: plan.key(layer) for layer in plan.layers}
+    with store.locked(list(keys.values()), on_wait):
+        return _extract_locked(manifest, store, settings, plan, keys, progress, began)
+
+
+def _extract_locked(manifest: Manifest, store: FeatureStore, settings: ExtractSettings,
+                    plan: ExtractPlan, keys: dict[str, str], progress: ProgressCallback | None,
+                    began: float) -> ExtractResult:
+    """The body of `extract`, run while this process holds the features' locks."""
+    n_rows = len(manifest.records)
     needed = [layer for layer in plan.layers
               if (a := store.feature_array(keys[layer])) is None or not a.complete]
     if not needed:
@@ -182,9 +195,10 @@ def extract(manifest: Manifest, store: FeatureStore, settings: ExtractSettings,
             for a in range(start, stop, settings.batch_size)
             for b in [min(a + settings.batch_size, stop)]]
     total = sum(stop - start for start, stop in units)
+    streaming = time.perf_counter()
     computed = _run_batches(manifest, model, plan, settings, arrays, rows, total, progress)
+    rate = computed / (time.perf_counter() - streaming) if computed else None  # excludes build
     seconds = time.perf_counter() - began
-    rate = computed / seconds if computed else None
     for array in arrays:
         store.update_attrs(array.key, {"extract_seconds": seconds, "images_per_second": rate})
     n_features = {layer: store.feature_array(keys[layer]).data.shape[1] for layer in plan.layers}

@@ -11,9 +11,12 @@ A chunk counts as present only when its done flag is set, so a write interrupted
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -253,6 +256,30 @@ class FeatureStore:
             return
         for key in sorted(self.root["reduced"].group_keys()):
             yield key, self.root[f"reduced/{key}"].attrs.asdict()
+
+    @contextlib.contextmanager
+    def locked(self, keys: list[str], on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+        """Hold an exclusive lock per feature key while computing it (local stores only).
+
+        A second process extracting the same features waits here, then finds them complete:
+        no corruption and no duplicated work. The kernel drops flock locks when a process
+        dies (kill -9 included), so a crash never leaves a stale lock behind.
+        """
+        if "://" in self.location:  # object stores have no flock; one writer per chunk holds
+            yield
+            return
+        folder = Path(self.location) / ".locks"
+        folder.mkdir(parents=True, exist_ok=True)
+        with contextlib.ExitStack() as stack:
+            for key in sorted(keys):  # a fixed order: two processes can never deadlock
+                handle = stack.enter_context(open(folder / f"{key}.lock", "a+b"))
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    if on_wait:
+                        on_wait()
+                    fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
 
     # maintenance
     def find(self, prefix: str) -> tuple[str, str]:

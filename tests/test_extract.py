@@ -87,14 +87,16 @@ from tasks.extract import ExtractSettings, extract
 from tasks.store import FeatureStore
 settings = ExtractSettings(backbone="vgg16", weights="none", layers=("block2_pool",),
                            image_size=32, batch_size=2, chunk_mb=0.2)
-extract(scan(sys.argv[1]), FeatureStore(sys.argv[2]), settings)
+result = extract(scan(sys.argv[1]), FeatureStore(sys.argv[2]), settings,
+                 on_wait=lambda: print("waited", flush=True))
+print("computed", result.images_computed)
 """
 
 
 def _run_extract(data: Path, store: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", RESUME_SCRIPT, str(data), str(store)],
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def test_resume_after_kill_gives_identical_features(tmp_path: Path) -> None:
@@ -144,3 +146,17 @@ def test_verify_finds_deleted_chunk_and_repair_recomputes(image_tree: Path,
     redo = extract(manifest, store, SMALL)
     assert redo.images_computed == array.chunk_rows
     np.testing.assert_array_equal(_features(store, key), expected)
+
+
+def test_two_processes_on_one_store_wait_and_share(tmp_path: Path) -> None:
+    data = tmp_path / "images"
+    for i in range(40):
+        write_image(data / ("a" if i % 2 else "b") / f"{i}.png", seed=i)
+    store = tmp_path / "store"
+    processes = [_run_extract(data, store) for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0]
+    computed = sorted(int(out.split("computed")[1]) for out in outputs)
+    assert computed == [0, 40], outputs  # one did the work, the other waited and reused it
+    array = next(FeatureStore(str(store)).feature_arrays())
+    assert array.complete and array.verify() == []
