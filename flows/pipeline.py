@@ -6,6 +6,7 @@ Thin wiring only: each task calls one plain function from tasks/, and the store'
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict
 from pathlib import Path
 
@@ -42,10 +43,20 @@ def scan_task(data: Path, limit_per_class: int | None) -> Manifest:
 
 @task(name="extract", cache_policy=NO_CACHE, task_run_name="extract-{settings.backbone}")
 def extract_task(manifest: Manifest, settings: PipelineSettings) -> ExtractResult:
+    from tasks.cluster import dask_client
+
     store = FeatureStore(settings.store)
-    with ExtractProgress(f"extract {settings.backbone}") as progress:
-        result = extract(manifest, store, settings.extract_settings(), progress)
-    get_run_logger().info("features: %d computed, %d cached (%.1f s)", result.images_computed,
+    logger = get_run_logger()
+    scale_out = settings.workers > 1 or settings.dask_address is not None
+    progress = ExtractProgress(f"extract {settings.backbone}")
+    with progress, contextlib.ExitStack() as stack:
+        client = (stack.enter_context(dask_client(settings.dask_address, settings.workers, 1))
+                  if scale_out else None)
+        result = extract(manifest, store, settings.extract_settings(), progress,
+                         on_wait=lambda: logger.info("waiting for another run extracting the "
+                                                     "same features into this store"),
+                         client=client)
+    logger.info("features: %d computed, %d cached (%.1f s)", result.images_computed,
                           result.images_cached, result.seconds)
     return result
 

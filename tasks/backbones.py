@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from tasks.dataset import file_sha256
 from tasks.errors import UserError
@@ -124,11 +127,8 @@ def load_preprocess(spec: BackboneSpec) -> Callable:
 def build_base(spec: BackboneSpec, weights: WeightsChoice, image_size: int,
                include_top: bool = False):
     """The backbone with the chosen weights; include_top keeps the ImageNet classifier head."""
-    import keras
 
     constructor = _import(spec.constructor)
-    if weights.option == "none":
-        keras.utils.set_random_seed(int(weights.identity.rsplit("=", 1)[1]))
     keras_weights = {"imagenet": "imagenet", "file": str(weights.path)}.get(weights.option)
     try:
         model = constructor(include_top=include_top, weights=keras_weights,
@@ -143,7 +143,27 @@ def build_base(spec: BackboneSpec, weights: WeightsChoice, image_size: int,
         raise BackboneError(f"cannot build {spec.name} at {image_size}px: {error}") from error
     if weights.option == "hed-vgg16":
         load_hed_vgg16(model, weights.path)
+    if weights.option == "none":
+        seeded_glorot_init(model, int(weights.identity.rsplit("=", 1)[1]))
     return model
+
+
+def seeded_glorot_init(model, seed: int) -> None:
+    """Re-draw every kernel (Glorot uniform) from a generator keyed by seed and variable path.
+
+    Keras' own initializers draw from process-global random state that other threads (a Dask
+    worker's heartbeat, say) also consume, so 'random weights, seed 0' would differ between
+    processes; this makes the feature key's "random:seed=N" a real identity.
+    """
+    for variable in model.weights:
+        shape = tuple(variable.shape)
+        if "kernel" not in variable.path or len(shape) < 2:
+            continue  # biases, BatchNorm statistics: Keras initialises them to constants
+        receptive = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
+        fan_in, fan_out = shape[-2] * receptive, shape[-1] * receptive
+        limit = np.sqrt(6.0 / (fan_in + fan_out))
+        rng = np.random.default_rng([seed, zlib.crc32(variable.path.encode())])
+        variable.assign(rng.uniform(-limit, limit, size=shape).astype(variable.dtype))
 
 
 def _looks_like_download_failure(error: Exception) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -30,7 +31,7 @@ from tasks.dataset import Manifest
 from tasks.images import RESIZE_METHOD, load_rgb
 from tasks.store import FeatureArray, FeatureStore
 
-EXTRACT_VERSION = "1"  # bump when a code change alters the features for the same settings
+EXTRACT_VERSION = "2"  # bump when a code change alters the features for the same settings
 ProgressCallback = Callable[[int, int], None]
 
 
@@ -156,23 +157,24 @@ def _units(arrays: list[FeatureArray], n_rows: int) -> list[tuple[int, int]]:
 
 def extract(manifest: Manifest, store: FeatureStore, settings: ExtractSettings,
             progress: ProgressCallback | None = None,
-            on_wait: Callable[[], None] | None = None) -> ExtractResult:
+            on_wait: Callable[[], None] | None = None, client=None) -> ExtractResult:
     """Compute the missing feature chunks of every requested layer in one backbone pass.
 
     A concurrent extraction of the same features (another process or a scheduled run) is
-    waited for, then reused; `on_wait` is called once if that happens.
+    waited for, then reused; `on_wait` is called once if that happens. With a Dask `client`,
+    the missing chunks are split between its workers, each owning whole chunks.
     """
     began = time.perf_counter()
     plan = plan_extraction(manifest, settings)
     store.save_manifest(manifest)
     keys = {layer: plan.key(layer) for layer in plan.layers}
     with store.locked(list(keys.values()), on_wait):
-        return _extract_locked(manifest, store, settings, plan, keys, progress, began)
+        return _extract_locked(manifest, store, settings, plan, keys, progress, began, client)
 
 
 def _extract_locked(manifest: Manifest, store: FeatureStore, settings: ExtractSettings,
                     plan: ExtractPlan, keys: dict[str, str], progress: ProgressCallback | None,
-                    began: float) -> ExtractResult:
+                    began: float, client=None) -> ExtractResult:
     """The body of `extract`, run while this process holds the features' locks."""
     n_rows = len(manifest.records)
     needed = [layer for layer in plan.layers
@@ -191,12 +193,13 @@ def _extract_locked(manifest: Manifest, store: FeatureStore, settings: ExtractSe
          "settings": asdict(settings)}, chunk_bytes=int(settings.chunk_mb * (1 << 20)))
         for layer, width in zip(needed, widths, strict=True)]
     units = _units(arrays, n_rows)
-    rows = [(a, b) for start, stop in units
-            for a in range(start, stop, settings.batch_size)
-            for b in [min(a + settings.batch_size, stop)]]
-    total = sum(stop - start for start, stop in units)
     streaming = time.perf_counter()
-    computed = _run_batches(manifest, model, plan, settings, arrays, rows, total, progress)
+    if client is None:
+        computed = _run_units(manifest, model, plan, settings, arrays, units, progress)
+    else:
+        del model  # each worker builds its own
+        computed = _run_on_cluster(client, manifest, store, settings, needed, keys, units,
+                                   progress)
     rate = computed / (time.perf_counter() - streaming) if computed else None  # excludes build
     seconds = time.perf_counter() - began
     for array in arrays:
@@ -205,10 +208,13 @@ def _extract_locked(manifest: Manifest, store: FeatureStore, settings: ExtractSe
     return ExtractResult(keys, n_rows, computed, n_rows - computed, seconds, rate, n_features)
 
 
-def _run_batches(manifest: Manifest, model, plan: ExtractPlan, settings: ExtractSettings,
-                 arrays: list[FeatureArray], rows: list[tuple[int, int]], total: int,
-                 progress: ProgressCallback | None) -> int:
+def _run_units(manifest: Manifest, model, plan: ExtractPlan, settings: ExtractSettings,
+               arrays: list[FeatureArray], units: list[tuple[int, int]],
+               progress: ProgressCallback | None) -> int:
     """Decode ahead, infer, and write finished chunks asynchronously; returns images computed."""
+    rows = [(a, min(a + settings.batch_size, stop)) for start, stop in units
+            for a in range(start, stop, settings.batch_size)]
+    total = sum(stop - start for start, stop in units)
     root = Path(manifest.root)
     paths = [[root / manifest.records[i].path for i in range(a, b)] for a, b in rows]
     preprocess = load_preprocess(plan.spec)
@@ -236,4 +242,44 @@ def _run_batches(manifest: Manifest, model, plan: ExtractPlan, settings: Extract
                 progress(computed, total)
         while writes:
             writes.popleft().result()
+    return computed
+
+
+def _worker_extract(manifest: Manifest, location: str, settings: ExtractSettings,
+                    layers: list[str], keys: dict[str, str], units: list[tuple[int, int]],
+                    threads: int) -> int:
+    """Runs inside a Dask worker: build the backbone once and fill the given units' chunks."""
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:
+        pass  # TensorFlow already initialised in this worker: keep its thread pools
+    store = FeatureStore(location)
+    plan = plan_extraction(manifest, settings)
+    model = build_feature_model(plan.spec, plan.weights, plan.image_size, layers,
+                                settings.pooling)
+    arrays = [store.feature_array(keys[layer]) for layer in layers]
+    return _run_units(manifest, model, plan, settings, arrays, units, None)
+
+
+def _run_on_cluster(client, manifest: Manifest, store: FeatureStore, settings: ExtractSettings,
+                    layers: list[str], keys: dict[str, str], units: list[tuple[int, int]],
+                    progress: ProgressCallback | None) -> int:
+    """Give each Dask worker an interleaved share of whole units (so whole chunks): no two
+    workers ever write the same chunk, and the result equals a single-process run."""
+    from distributed import as_completed
+
+    workers = list(client.scheduler_info()["workers"])
+    threads = max(1, (os.cpu_count() or 1) // max(len(workers), 1))
+    shares = [units[i::len(workers)] for i in range(len(workers))]
+    futures = [client.submit(_worker_extract, manifest, store.location, settings, layers, keys,
+                             share, threads, workers=[worker], pure=False)
+               for worker, share in zip(workers, shares, strict=True) if share]
+    total, computed = sum(b - a for a, b in units), 0
+    for future in as_completed(futures):
+        computed += future.result()
+        if progress:
+            progress(computed, total)
     return computed

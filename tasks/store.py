@@ -30,6 +30,7 @@ from tasks.errors import UserError
 TARGET_CHUNK_BYTES = 16 << 20  # chunks of whole images, a few MB to ~16 MB each
 MAX_CHUNK_ROWS = 256  # caps work lost to a crash for narrow (pooled) features
 DTYPES = ("float32", "float16")
+METADATA_LOCK = "store-metadata"  # serialises creation of shared groups between processes
 
 
 class StoreError(UserError):
@@ -161,18 +162,22 @@ class FeatureStore:
     def __init__(self, location: str) -> None:
         self.location = str(location)
         try:
-            self.root = zarr.open_group(self.location, mode="a", zarr_format=3)
+            with self.locked([METADATA_LOCK]):
+                self.root = zarr.open_group(self.location, mode="a", zarr_format=3)
         except (OSError, PermissionError) as error:
             raise StoreError(f"cannot open feature store {self.location}: {error}") from error
 
     def _subgroup(self, name: str) -> zarr.Group:
-        return self.root.require_group(name)
+        """Create shared groups under a lock: concurrent first writes of zarr.json would race."""
+        with self.locked([METADATA_LOCK]):
+            return self.root.require_group(name)
 
     # manifests
     def save_manifest(self, manifest: Manifest) -> str:
-        group = self._subgroup("manifests").require_group(manifest.key)
-        if not group.attrs.get("manifest"):
-            group.attrs.put({"manifest": manifest.to_dict(), "created": time.time()})
+        with self.locked([METADATA_LOCK]):
+            group = self.root.require_group("manifests").require_group(manifest.key)
+            if not group.attrs.get("manifest"):
+                group.attrs.put({"manifest": manifest.to_dict(), "created": time.time()})
         return manifest.key
 
     def load_manifest(self, key: str) -> Manifest:
@@ -268,7 +273,7 @@ class FeatureStore:
         if "://" in self.location:  # object stores have no flock; one writer per chunk holds
             yield
             return
-        folder = Path(self.location) / ".locks"
+        folder = Path(self.location).expanduser() / ".locks"
         folder.mkdir(parents=True, exist_ok=True)
         with contextlib.ExitStack() as stack:
             for key in sorted(keys):  # a fixed order: two processes can never deadlock
