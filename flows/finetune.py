@@ -1,0 +1,178 @@
+"""Prefect flow for fine-tuning: scan -> split -> fine-tune (resumable) -> run folder.
+
+Thin wiring over tasks.finetune: the flow adds the Prefect logger, a progress artifact per
+epoch and the run's summary artifacts; `resume` continues an interrupted run with its own
+saved settings.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from flows.pipeline import scan_task
+from flows.settings import SettingsError
+from tasks.dataset import Manifest
+from tasks.finetune import (
+    FLIP_MODES,
+    OPTIMIZERS,
+    EpochLog,
+    FinetuneSettings,
+    read_state,
+    run_finetune,
+)
+from tasks.report import REPORT_JSON, metrics_table, new_run_id, run_summary_markdown
+from tasks.splits import split_rows
+
+
+def _widths(value: Any) -> Any:
+    """Accept "512,64" from flags as well as a list from a config file."""
+    if isinstance(value, str):
+        return [int(part) for part in value.split(",") if part.strip()]
+    return value
+
+
+class FinetuneFlowSettings(BaseModel):
+    """Every knob of a fine-tuning run; the FinetuneSettings fields keep their names."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: Path | None = Field(None, description="Image folder: one sub-folder per class "
+                                                "(optionally inside train/ valid/ test/)")
+    runs: Path = Field(Path("runs"), description="Folder that receives one folder per run")
+    resume: str | None = Field(None, description="Run id of an interrupted fine-tuning to "
+                                                 "continue with its saved settings")
+    limit_per_class: int | None = Field(None, ge=1)
+    split: Literal["auto", "stratified", "grouped", "folder"] = "auto"
+    test_size: float = Field(0.25, gt=0.0, lt=1.0)
+    group_regex: str | None = None
+    backbone: str = "vgg16"
+    weights: str = Field("imagenet", description="imagenet, hed-vgg16, none, or a weights file")
+    image_size: int | None = Field(None, ge=8, le=1024)
+    head: Annotated[list[Annotated[int, Field(ge=1)]], BeforeValidator(_widths)] = Field(
+        default_factory=lambda: [512, 64], description="Dense(relu) widths of the head")
+    dropout: float = Field(0.3, ge=0.0, lt=1.0)
+    batch_norm: bool = Field(False, description="BatchNormalization after pooling (helps with "
+                                                "unnormalised features, e.g. hed-vgg16)")
+    optimizer: Literal[OPTIMIZERS] = "adam"
+    phase1_epochs: int = Field(10, ge=0, description="Epochs with the base frozen")
+    phase1_learning_rate: float = Field(1e-3, gt=0.0)
+    phase2_epochs: int = Field(10, ge=0, description="Epochs with the top of the base trained")
+    phase2_learning_rate: float = Field(1e-5, gt=0.0)
+    unfreeze_last: int = Field(4, ge=0, description="Base layers trained in phase 2")
+    unfreeze_from: str | None = Field(None, description="Or: train every layer from this one")
+    batch_size: int = Field(16, ge=1, le=1024)
+    patience: int = Field(5, ge=1, description="Early stopping on val_loss, per phase")
+    validation_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    flip: Literal[FLIP_MODES] = "horizontal"
+    rotation: float = Field(0.05, ge=0.0, le=1.0, description="Fraction of a full turn")
+    zoom: float = Field(0.1, ge=0.0, lt=1.0)
+    translation: float = Field(0.1, ge=0.0, lt=1.0)
+    contrast: float = Field(0.1, ge=0.0, le=1.0)
+    seed: int = 0
+
+    def finetune_settings(self) -> FinetuneSettings:
+        values = self.model_dump(include={f.name for f in fields(FinetuneSettings)})
+        return FinetuneSettings(**{**values, "head": tuple(values["head"])})
+
+    def run_settings(self) -> dict:
+        """What report.json and the checkpoint state record: enough to resume the run."""
+        return self.model_dump(mode="json", exclude={"resume"})
+
+
+def _run_name() -> str:
+    settings = flow_run.parameters.get("settings")
+    if isinstance(settings, dict):
+        settings = FinetuneFlowSettings(**settings)
+    data = Path(settings.data).name if settings.data else "resume"
+    return f"finetune-{data}-{settings.backbone}"
+
+
+def resolve_run(settings: FinetuneFlowSettings) -> tuple[FinetuneFlowSettings, Path]:
+    """The settings and folder of this run: a new one, or the interrupted run to resume.
+
+    A resume takes the saved settings; any flag given explicitly must agree with them, so
+    a changed setting is an error rather than silently ignored.
+    """
+    if settings.resume is None:
+        if settings.data is None:
+            raise SettingsError("data is required (or resume with the id of a run)")
+        return settings, settings.runs / new_run_id()
+    run_dir = settings.runs / settings.resume
+    state = read_state(run_dir)
+    if (run_dir / REPORT_JSON).exists() or state is None:
+        raise SettingsError(f"{run_dir} is not an interrupted fine-tuning run: "
+                            f"{'it has finished' if state else 'no checkpoint state in it'}")
+    saved = {k: v for k, v in state.run_settings.items() if k in type(settings).model_fields}
+    merged = FinetuneFlowSettings(**{**saved, "resume": settings.resume, "runs": settings.runs})
+    given = settings.model_fields_set - {"resume", "runs"}
+    changed = sorted(k for k in given if getattr(settings, k) != getattr(merged, k))
+    if changed:
+        raise SettingsError(f"cannot resume {settings.resume} with different {', '.join(changed)}")
+    return merged, run_dir
+
+
+class _EpochProgress:
+    """Per epoch: one Prefect log line and an update of the task's progress artifact."""
+
+    def __init__(self) -> None:
+        self.logger = get_run_logger()
+        self.artifact_id = create_progress_artifact(0.0, description="fine-tuning epochs")
+
+    def __call__(self, entry: EpochLog) -> None:
+        scores = ", ".join(f"{key} {value:.4f}" for key, value in entry.metrics.items())
+        self.logger.info("phase %d epoch %d/%d: %s (%.1f s)", entry.phase, entry.epoch,
+                         entry.epochs_planned, scores, entry.seconds)
+        update_progress_artifact(self.artifact_id, 100.0 * entry.epoch / entry.epochs_planned,
+                                 description=f"fine-tuning: epoch {entry.epoch} "
+                                             f"(phase {entry.phase}) val_loss "
+                                             f"{entry.metrics.get('val_loss', float('nan')):.4f}")
+
+
+@task(name="finetune", cache_policy=NO_CACHE, task_run_name="finetune-{settings.backbone}")
+def finetune_task(manifest: Manifest, train_rows: np.ndarray, test_rows: np.ndarray,
+                  settings: FinetuneFlowSettings, run_dir: Path) -> dict:
+    extras = {"skipped": [asdict(s) for s in manifest.skipped]}
+    report = run_finetune(manifest, train_rows, test_rows, settings.finetune_settings(), run_dir,
+                          run_settings=settings.run_settings(), extras=extras,
+                          on_epoch=_EpochProgress())
+    create_table_artifact(metrics_table(report), description="fine-tuning metrics")
+    create_markdown_artifact(run_summary_markdown(report), description="fine-tuning report")
+    create_link_artifact(run_dir.resolve().as_uri(), link_text=f"run folder {run_dir.name}")
+    return report
+
+
+@flow(name="finetune", flow_run_name=_run_name)
+def finetune_flow(settings: FinetuneFlowSettings) -> dict:
+    """Scan, split, fine-tune (or resume) and write the run; returns a short summary."""
+    began = time.perf_counter()
+    settings, run_dir = resolve_run(settings)
+    manifest = scan_task(settings.data, settings.limit_per_class)
+    train, test = split_rows(manifest, settings.split, settings.test_size, settings.seed,
+                             settings.group_regex)
+    report = finetune_task(manifest, train, test, settings, run_dir)
+    entry = report["classifiers"]["finetune"]
+    return {"run_id": run_dir.name, "run_dir": str(run_dir),
+            "accuracy": entry["metrics"]["accuracy"],
+            "epochs_run": entry["best_params"]["epochs_run"],
+            "best_epoch": entry["best_params"]["best_epoch"],
+            "resumes": report["extras"]["resumes"],
+            "train_seconds": report["extras"]["train_seconds"],
+            "seconds": time.perf_counter() - began, "class_names": manifest.class_names,
+            "images_total": len(manifest.records), "images_skipped": len(manifest.skipped),
+            "flow_run_id": str(flow_run.id)}
