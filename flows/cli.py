@@ -125,7 +125,7 @@ def _pipeline_command(flow_name: str) -> Callable:
                 group_regex: GroupRegex = None, seed: Seed = None,
                 dask_address: DaskAddress = None, workers: Workers = None,
                 config: Config = None, json_out: JsonOut = False) -> None:
-        flags = {k: v for k, v in locals().items() if k != "json_out"}
+        flags = {k: v for k, v in locals().items() if k not in ("json_out", "flow_name")}
 
         def body() -> None:
             settings = _settings(**flags)
@@ -214,6 +214,55 @@ def predict(run: Annotated[str, typer.Option(help="Run id (see `featurepipe runs
         summary = predict_flow(run_dir, data, out, store or "featurepipe-store", classifier)
         _print(summary, json_out, lambda s: typer.echo(
             f"{s['predictions']} predictions ({s['classifier']}) written to {s['csv']}"))
+
+    _guarded(body)
+
+
+Float = Annotated[float | None, typer.Option()]
+Int = Annotated[int | None, typer.Option()]
+
+
+@app.command(help="Fine-tune a backbone end to end: new head with the base frozen, then the "
+                  "last layers unfrozen at a low learning rate, with augmentation, checkpoints "
+                  "and resume. Writes a run comparable in `featurepipe runs ls`.")
+def finetune(data: Data = None, runs: Runs = None,
+             resume: Annotated[str | None, typer.Option(
+                 help="Run id of an interrupted fine-tuning to continue.")] = None,
+             limit_per_class: Limit = None, split: Split = None, test_size: TestSize = None,
+             group_regex: GroupRegex = None, backbone: Backbone = None, weights: Weights = None,
+             image_size: ImageSize = None,
+             head: Annotated[str | None, typer.Option(help="Dense widths [512,64].")] = None,
+             dropout: Float = None,
+             batch_norm: Annotated[bool | None, typer.Option(
+                 "--batch-norm/--no-batch-norm", help="BatchNorm after pooling.")] = None,
+             optimizer: Annotated[str | None, typer.Option(
+                 help="adam, adamw, nadam, rmsprop, sgd [adam].")] = None,
+             phase1_epochs: Int = None, phase1_learning_rate: Float = None,
+             phase2_epochs: Int = None, phase2_learning_rate: Float = None,
+             unfreeze_last: Annotated[int | None, typer.Option(
+                 help="Base layers trained in phase 2 [4].")] = None,
+             unfreeze_from: Annotated[str | None, typer.Option(
+                 help="Or: train every layer from this one.")] = None,
+             batch_size: BatchSize = None,
+             patience: Annotated[int | None, typer.Option(
+                 help="Early-stopping patience per phase [5].")] = None,
+             validation_fraction: Float = None,
+             flip: Annotated[str | None, typer.Option(
+                 help="none, horizontal, vertical, horizontal_and_vertical.")] = None,
+             rotation: Float = None, zoom: Float = None, translation: Float = None,
+             contrast: Float = None, seed: Seed = None, config: Config = None,
+             json_out: JsonOut = False) -> None:
+    flags = {k: v for k, v in locals().items() if k != "json_out"}
+
+    def body() -> None:
+        from flows.finetune import FinetuneFlowSettings, finetune_flow
+        from flows.settings import load_settings
+
+        config_file = flags.pop("config")
+        settings = load_settings(config_file, model=FinetuneFlowSettings, **flags)
+        _print(finetune_flow(settings), json_out, lambda s: typer.echo(
+            f"fine-tuned {s['epochs_run']} epochs (best {s['best_epoch']}): test accuracy "
+            f"{s['accuracy']:.3f}; report: {Path(s['run_dir']) / 'report.md'}"))
 
     _guarded(body)
 
@@ -409,4 +458,9 @@ def backbones_check(name: str, weights: Weights = None, json_out: JsonOut = Fals
 
 def main() -> None:
     """Console-script entry point."""
+    import logging
+
+    # Dask's scheduler and nanny narrate every connection at INFO; keep only problems.
+    for name in ("distributed", "distributed.scheduler", "distributed.nanny", "distributed.core"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     app()

@@ -19,6 +19,7 @@ from prefect.runtime import flow_run
 from flows.progress import ExtractProgress
 from flows.settings import PipelineSettings
 from tasks.dataset import Manifest, scan
+from tasks.errors import UserError
 from tasks.extract import ExtractResult, extract
 from tasks.splits import split_rows
 from tasks.stages import ReduceOutcome, classify_run, reduce_cached
@@ -36,9 +37,19 @@ def _run_name() -> str:
 @task(name="scan", cache_policy=NO_CACHE)
 def scan_task(data: Path, limit_per_class: int | None) -> Manifest:
     manifest = scan(data, limit_per_class)
-    get_run_logger().info("scanned %s: %d images, %d classes, %d skipped", data,
-                          len(manifest.records), len(manifest.class_names), len(manifest.skipped))
+    logger = get_run_logger()
+    logger.info("scanned %s: %d images, %d classes, %d skipped", data, len(manifest.records),
+                len(manifest.class_names), len(manifest.skipped))
+    for warning in manifest.warnings:
+        logger.warning(warning)
     return manifest
+
+
+def _require_classes(manifest: Manifest) -> None:
+    """Fail before the (long) extraction when no classifier could be trained afterwards."""
+    if len(manifest.class_names) < 2:
+        raise UserError(f"classifiers need at least 2 classes; {manifest.root} has "
+                        f"{len(manifest.class_names)} ({', '.join(manifest.class_names)})")
 
 
 @task(name="extract", cache_policy=NO_CACHE, task_run_name="extract-{settings.backbone}")
@@ -127,7 +138,7 @@ def _summary(settings: PipelineSettings, manifest: Manifest, layers: dict[str, d
             "images_skipped": len(manifest.skipped),
             "skipped": [asdict(s) for s in manifest.skipped], "store": settings.store,
             "manifest_key": manifest.key, "class_names": manifest.class_names,
-            "run_id": first["run_id"], "run_dir": first["run_dir"],
+            "warnings": manifest.warnings, "run_id": first["run_id"], "run_dir": first["run_dir"],
             "n_components": first["n_components"], "accuracy": first["accuracy"],
             "layers": layers, "flow_run_id": str(flow_run.id),
             "extract_seconds": extracted.seconds if extracted else 0.0,
@@ -171,8 +182,9 @@ def classify_flow(settings: PipelineSettings, feature_keys: list[str]) -> dict:
 def pipeline_flow(settings: PipelineSettings) -> dict:
     """Scan -> extract (one backbone pass for all layers) -> per layer: reduce -> classify."""
     manifest = scan_task(settings.data, settings.limit_per_class)
+    _require_classes(manifest)
     extracted = extract_task(manifest, settings)
-    extras = {"skipped": [asdict(s) for s in manifest.skipped],
+    extras = {"warnings": manifest.warnings,"skipped": [asdict(s) for s in manifest.skipped],
               "extract_seconds": extracted.seconds,
               "images_per_second": extracted.images_per_second}
     layers = _reduce_and_classify(settings, manifest, extracted.feature_keys, extras)

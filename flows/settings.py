@@ -54,6 +54,17 @@ class PipelineSettings(BaseModel):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
+    @field_validator("classifiers")
+    @classmethod
+    def _known_classifiers(cls, value: list[str]) -> list[str]:
+        from tasks.classify import CLASSIFIERS
+
+        unknown = [name for name in value if name not in CLASSIFIERS]
+        if unknown or not value:
+            raise ValueError(f"unknown classifier(s) {unknown or value}; choose from "
+                             f"{', '.join(CLASSIFIERS)}")
+        return value
+
     def extract_settings(self) -> ExtractSettings:
         return ExtractSettings(backbone=self.backbone, weights=self.weights,
                                layers=tuple(self.layers), image_size=self.image_size,
@@ -78,12 +89,13 @@ def read_config(path: Path) -> dict[str, Any]:
     return {str(key).replace("-", "_"): value for key, value in data.items()}
 
 
-def load_settings(config: Path | None = None, **flags: Any) -> PipelineSettings:
+def load_settings(config: Path | None = None, model: type[BaseModel] = PipelineSettings,
+                  **flags: Any) -> BaseModel:
     """Merge a config file with flags (flags win; None means 'not given') and validate."""
     values = read_config(config) if config else {}
     values.update({key: value for key, value in flags.items() if value is not None})
     try:
-        return PipelineSettings(**values)
+        return model(**values)
     except ValidationError as error:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}"

@@ -94,7 +94,7 @@ def _fit_knn(X: np.ndarray, y: np.ndarray, opts: dict, seed: int, n_classes: int
     return _Fitted(model, dict(opts), None)
 
 
-def _validation_split(
+def validation_split(
     X: np.ndarray, y: np.ndarray, fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Hold out shuffled validation rows (stratified when the classes allow it).
@@ -123,7 +123,7 @@ def _fit_dense(
 
     keras.utils.set_random_seed(seed)
     X = np.asarray(X, dtype=np.float32)
-    X_fit, X_val, y_fit, y_val = _validation_split(X, y, opts["validation_fraction"], seed)
+    X_fit, X_val, y_fit, y_val = validation_split(X, y, opts["validation_fraction"], seed)
     hidden = [keras.layers.Dense(units, activation="relu")]
     if batch_norm:
         hidden.append(keras.layers.BatchNormalization())
@@ -166,8 +166,6 @@ _FITTERS: dict[str, Callable[[np.ndarray, np.ndarray, dict, int, int], _Fitted]]
 }
 
 CLASSIFIERS: tuple[str, ...] = tuple(_FITTERS)
-# Saved as .keras files rather than joblib pickles.
-KERAS_HEADS: tuple[str, ...] = ("dense256", "dense64bn")
 
 
 def resolve_options(name: str, options: dict | None) -> dict[str, Any]:

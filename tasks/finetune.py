@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from tasks.backbones import BackboneError, get_spec, load_preprocess, resolve_weights
-from tasks.classify import ClassifierResult, _validation_split, classification_metrics
+from tasks.classify import ClassifierResult, classification_metrics, validation_split
 from tasks.dataset import Manifest
 from tasks.errors import UserError
-from tasks.report import _atomic_write, load_model, read_report, write_run
+from tasks.report import atomic_write, load_model, read_report, write_run
 from tasks.splits import rows_key
 
 MODEL_NAME = "finetune"  # the classifier name in report.json, beside svm, logreg, ...
@@ -278,7 +278,7 @@ def validation_rows(manifest: Manifest, train_rows: np.ndarray, fraction: float,
     if (splits == "valid").any():
         return train_rows[splits != "valid"], train_rows[splits == "valid"]
     labels = np.asarray(manifest.labels)[train_rows]
-    fit, val, _, _ = _validation_split(train_rows, labels, fraction, seed)
+    fit, val, _, _ = validation_split(train_rows, labels, fraction, seed)
     return np.sort(fit), np.sort(val)
 
 
@@ -318,7 +318,7 @@ def _resumed_state(run_dir: Path, settings: dict, keys: dict) -> TrainState | No
 
 
 def _save_state(run_dir: Path, state: TrainState) -> None:
-    _atomic_write(run_dir / CHECKPOINTS / STATE_FILE,
+    atomic_write(run_dir / CHECKPOINTS / STATE_FILE,
                   lambda p: p.write_text(json.dumps(asdict(state), indent=1)))
 
 
@@ -352,7 +352,7 @@ def _callbacks(run_dir: Path, state: TrainState, settings: FinetuneSettings, pla
             state.epoch, state.phase_epoch = epoch + 1, state.phase_epoch + 1
             seconds = time.perf_counter() - self.began
             state.train_seconds += seconds
-            _atomic_write(run_dir / CHECKPOINTS / LAST_FILE, self.model.save)
+            atomic_write(run_dir / CHECKPOINTS / LAST_FILE, self.model.save)
             _save_state(run_dir, state)
             on_epoch(EpochLog(state.phase, epoch + 1, planned, metrics, seconds))
 

@@ -20,6 +20,7 @@ from tasks.stages import load_pca
 from tasks.store import FeatureStore
 
 UNLABELLED = "?"
+FINETUNED = "finetune"  # the model name of fine-tuning runs in report.json
 
 
 def scan_unlabelled(folder: Path) -> Manifest:
@@ -69,18 +70,28 @@ def predict_folder(run_dir: Path, folder: Path, store: FeatureStore,
         raise UserError(f"run {run_dir.name} has no classifier {name!r}; it has "
                         f"{', '.join(report['classifiers'])}")
     manifest = scan_for_prediction(folder)
-    result = extract(manifest, store, extract_settings_of(report))
-    features = store.feature_array(result.feature_keys[report["settings"]["layer"]]).as_dask()
-    pca = load_pca(store, report["keys"]["reduction"])
-    reduced = np.asarray(pca.transform(features).compute())
-    labels, scores = predict_scores(load_model(run_dir, name), reduced)
     class_names = report["class_names"]
+    if name == FINETUNED:  # an end-to-end network: images in, probabilities out
+        from tasks.finetune import predict_finetuned
+
+        root = Path(manifest.root)
+        predicted, scores = predict_finetuned(run_dir, [root / r.path for r in manifest.records])
+        labels = [class_names.index(label) for label in predicted]
+        counts = {"images_computed": len(labels), "images_cached": 0}
+    else:
+        result = extract(manifest, store, extract_settings_of(report))
+        layer = report["settings"]["layer"]
+        features = store.feature_array(result.feature_keys[layer]).as_dask()
+        pca = load_pca(store, report["keys"]["reduction"])
+        reduced = np.asarray(pca.transform(features).compute())
+        labels, scores = predict_scores(load_model(run_dir, name), reduced)
+        counts = {"images_computed": result.images_computed,
+                  "images_cached": result.images_cached}
     rows = [{"file": record.path, "true_class": record.label,
              "predicted_class": class_names[int(label)],
              **{f"score_{c}": float(s) for c, s in zip(class_names, row, strict=True)}}
             for record, label, row in zip(manifest.records, labels, scores, strict=True)]
-    return rows, manifest, {"classifier": name, "images_computed": result.images_computed,
-                            "images_cached": result.images_cached}
+    return rows, manifest, {"classifier": name, **counts}
 
 
 def write_predictions_csv(rows: list[dict], path: Path) -> Path:

@@ -22,7 +22,7 @@ from typing import Any
 import joblib
 import numpy as np
 
-from tasks.classify import KERAS_HEADS, ClassifierResult
+from tasks.classify import ClassifierResult
 from tasks.errors import UserError
 from tasks.plots import confusion_png, learning_curves_png
 
@@ -69,7 +69,7 @@ def sha256_file(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Write through a temp file in the same folder, then rename: a crash never leaves a
     half-written file under the final name. The temp name keeps the suffix (Keras needs it)."""
     temp = path.with_name(f".{path.stem}.tmp-{secrets.token_hex(4)}{path.suffix}")
@@ -80,15 +80,21 @@ def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
         temp.unlink(missing_ok=True)
 
 
-def _model_file(name: str) -> str:
-    return f"{MODELS_DIR}/{name}.keras" if name in KERAS_HEADS else f"{MODELS_DIR}/{name}.joblib"
+def _is_keras(model: Any) -> bool:
+    """Keras models (dense heads, fine-tuned networks) are saved in Keras' own format."""
+    return type(model).__module__.startswith("keras.")
+
+
+def _model_file(result: ClassifierResult) -> str:
+    suffix = "keras" if _is_keras(result.model) else "joblib"
+    return f"{MODELS_DIR}/{result.name}.{suffix}"
 
 
 def _save_model(result: ClassifierResult, path: Path) -> None:
-    if result.name in KERAS_HEADS:
-        _atomic_write(path, result.model.save)
+    if _is_keras(result.model):
+        atomic_write(path, result.model.save)
     else:
-        _atomic_write(path, lambda temp: joblib.dump(result.model, temp))
+        atomic_write(path, lambda temp: joblib.dump(result.model, temp))
 
 
 def _write_misclassified(
@@ -123,7 +129,7 @@ def _classifier_entry(
     n_wrong = _write_misclassified(
         run_dir / misclassified, test_files, y_test, np.asarray(result.y_pred), class_names
     )
-    model_file = _model_file(name)
+    model_file = _model_file(result)
     _save_model(result, run_dir / model_file)
     return {
         "metrics": result.metrics,
@@ -183,8 +189,8 @@ def write_run(
             "extras": extras or {},
         }
     )
-    _atomic_write(run_dir / REPORT_MD, lambda p: p.write_text(report_markdown(report)))
-    _atomic_write(run_dir / REPORT_JSON, lambda p: p.write_text(json.dumps(report, indent=2)))
+    atomic_write(run_dir / REPORT_MD, lambda p: p.write_text(report_markdown(report)))
+    atomic_write(run_dir / REPORT_JSON, lambda p: p.write_text(json.dumps(report, indent=2)))
     return report
 
 
