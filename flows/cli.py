@@ -283,6 +283,30 @@ def demo(store: Store = None, runs: Runs = None, json_out: JsonOut = False) -> N
     _guarded(body)
 
 
+Cron = Annotated[str, typer.Option(help="When the pipeline runs: cron, UTC [0 2 * * *].")]
+
+
+@app.command(help="Serve the pipeline on a cron schedule and the classify flow on demand from "
+                  "this process (no work pool or worker); Ctrl-C stops and pauses them.")
+def serve(data: Data = None, cron: Cron = "0 2 * * *", store: Store = None, runs: Runs = None,
+          backbone: Backbone = None, layers: Layers = None, weights: Weights = None,
+          image_size: ImageSize = None, pooling: Pooling = None, dtype: Dtype = None,
+          batch_size: BatchSize = None, classifiers: Classifiers = None,
+          limit_per_class: Limit = None, variance: Variance = None,
+          pca_method: PcaMethod = None, split: Split = None, test_size: TestSize = None,
+          group_regex: GroupRegex = None, seed: Seed = None,
+          dask_address: DaskAddress = None, workers: Workers = None,
+          config: Config = None) -> None:
+    flags = {k: v for k, v in locals().items() if k != "cron"}
+
+    def body() -> None:
+        from flows.serve import serve_settings
+
+        serve_settings(_settings(**flags), cron)
+
+    _guarded(body)
+
+
 @store_app.command("ls", help="Feature arrays and reductions: shapes, sizes, keys, completeness.")
 def store_ls(store: Store = None, json_out: JsonOut = False) -> None:
     def body() -> None:

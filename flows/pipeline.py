@@ -31,10 +31,16 @@ def _run_name() -> str:
     if isinstance(settings, dict):
         settings = PipelineSettings(**settings)
     layers = ",".join(settings.layers) or "default-layer"
-    return f"{Path(settings.data).name}-{settings.backbone}-{layers}"
+    source = Path(settings.data).name if settings.data else Path(settings.store).name
+    return f"{source}-{settings.backbone}-{layers}"
 
 
-@task(name="scan", cache_policy=NO_CACHE)
+def _classify_run_name() -> str:
+    keys = flow_run.parameters.get("feature_keys") or []
+    return "classify-" + ",".join(key[:8] for key in keys)
+
+
+@task(name="scan", cache_policy=NO_CACHE, task_run_name="scan-{data.name}")
 def scan_task(data: Path, limit_per_class: int | None) -> Manifest:
     manifest = scan(data, limit_per_class)
     logger = get_run_logger()
@@ -52,7 +58,8 @@ def _require_classes(manifest: Manifest) -> None:
                         f"{len(manifest.class_names)} ({', '.join(manifest.class_names)})")
 
 
-@task(name="extract", cache_policy=NO_CACHE, task_run_name="extract-{settings.backbone}")
+@task(name="extract", cache_policy=NO_CACHE, task_run_name="extract-{settings.backbone}",
+      tags=["backbone"])  # `prefect concurrency-limit create backbone 1` serialises passes
 def extract_task(manifest: Manifest, settings: PipelineSettings) -> ExtractResult:
     from tasks.cluster import dask_client
 
@@ -165,7 +172,7 @@ def reduce_flow(settings: PipelineSettings, feature_key: str) -> dict:
     return asdict(reduce_task(settings, "features", feature_key, train))
 
 
-@flow(name="classify", flow_run_name=_run_name)
+@flow(name="classify", flow_run_name=_classify_run_name)
 def classify_flow(settings: PipelineSettings, feature_keys: list[str]) -> dict:
     """Re-run only the classifier stage on stored features: never builds the backbone."""
     store = FeatureStore(settings.store)
