@@ -6,6 +6,7 @@ Heavy imports (Prefect, TensorFlow, Dask) happen inside commands so `--help` sta
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -131,6 +132,8 @@ def _pipeline_command(flow_name: str) -> Callable:
             settings = _settings(**flags)
             if settings.data is None:
                 raise UserError("--data is required (or `data:` in --config)")
+            if not settings.data.is_dir():  # before starting Prefect: answer in a second
+                raise UserError(f"dataset folder not found: {settings.data}")
             from flows import pipeline
 
             if flow_name == "run":
@@ -480,11 +483,21 @@ def backbones_check(name: str, weights: Weights = None, json_out: JsonOut = Fals
     _guarded(body)
 
 
+class _NoUserErrorTraceback(logging.Filter):
+    """Prefect logs every failed run with its traceback; for a user mistake the one-line
+    message is the whole story, so drop the traceback (bugs keep theirs)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], UserError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def main() -> None:
     """Console-script entry point."""
-    import logging
-
     # Dask's scheduler and nanny narrate every connection at INFO; keep only problems.
     for name in ("distributed", "distributed.scheduler", "distributed.nanny", "distributed.core"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    for name in ("prefect.task_runs", "prefect.flow_runs", "prefect.engine"):
+        logging.getLogger(name).addFilter(_NoUserErrorTraceback())
     app()
