@@ -79,6 +79,16 @@ def _guarded(action: Callable[[], None]) -> None:
         _fail(str(error), 2)
 
 
+def _run_dir(runs: Path | None, run_id: str) -> Path:
+    """The folder of a finished run; ids are plain names, never paths out of the runs folder."""
+    root = runs or Path("runs")
+    if not run_id or Path(run_id).name != run_id or run_id in (".", ".."):
+        raise UserError(f"not a run id: {run_id!r} (see `featurepipe runs ls`)")
+    if not (root / run_id / "report.json").is_file():
+        raise UserError(f"no finished run {run_id} in {root}")
+    return root / run_id
+
+
 def _settings(**flags):
     from flows.settings import load_settings
 
@@ -211,9 +221,7 @@ def predict(run: Annotated[str, typer.Option(help="Run id (see `featurepipe runs
     def body() -> None:
         from flows.pipeline import predict_flow
 
-        run_dir = (runs or Path("runs")) / run
-        if not (run_dir / "report.json").is_file():
-            raise UserError(f"no finished run {run} in {runs or Path('runs')}")
+        run_dir = _run_dir(runs, run)
         summary = predict_flow(run_dir, data, out, store or "featurepipe-store", classifier)
         _print(summary, json_out, lambda s: typer.echo(
             f"{s['predictions']} predictions ({s['classifier']}) written to {s['csv']}"))
@@ -421,10 +429,7 @@ def runs_ls(runs: Runs = None, json_out: JsonOut = False) -> None:
 @runs_app.command("show", help="The Markdown report of one run.")
 def runs_show(run_id: str, runs: Runs = None) -> None:
     def body() -> None:
-        report = (runs or Path("runs")) / run_id / "report.md"
-        if not report.is_file():
-            raise UserError(f"no run {run_id} in {runs or Path('runs')}")
-        typer.echo(report.read_text())
+        typer.echo((_run_dir(runs, run_id) / "report.md").read_text())
 
     _guarded(body)
 

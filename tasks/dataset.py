@@ -18,7 +18,7 @@ import json
 import os
 import stat
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -88,6 +88,19 @@ class Manifest:
         """Label indices into class_names, one per record."""
         index = {name: i for i, name in enumerate(self.class_names)}
         return [index[r.label] for r in self.records]
+
+    def paths(self, rows: Iterable[int] | None = None) -> list[Path]:
+        """Absolute paths of the records (all, or the given rows), refusing any record path
+        that would leave the dataset root: manifests are read back from stores and configs."""
+        root = Path(self.root)
+        chosen = self.records if rows is None else [self.records[i] for i in rows]
+        paths = []
+        for record in chosen:
+            path = root / record.path
+            if Path(record.path).is_absolute() or ".." in Path(record.path).parts:
+                raise DatasetError(f"manifest path {record.path!r} escapes {root}")
+            paths.append(path)
+        return paths
 
     def to_dict(self) -> dict:
         """Plain JSON-able form, stored beside the features (readable without TensorFlow)."""

@@ -215,8 +215,7 @@ def _run_units(manifest: Manifest, model, plan: ExtractPlan, settings: ExtractSe
     rows = [(a, min(a + settings.batch_size, stop)) for start, stop in units
             for a in range(start, stop, settings.batch_size)]
     total = sum(stop - start for start, stop in units)
-    root = Path(manifest.root)
-    paths = [[root / manifest.records[i].path for i in range(a, b)] for a, b in rows]
+    paths = [manifest.paths(range(a, b)) for a, b in rows]
     preprocess = load_preprocess(plan.spec)
     missing = {a.key: set(a.missing_chunks()) for a in arrays}
     writes: deque[Future] = deque()

@@ -438,11 +438,11 @@ def run_finetune(manifest: Manifest, train_rows: np.ndarray, test_rows: np.ndarr
                     state.phase)
         model = keras.saving.load_model(run_dir / CHECKPOINTS / LAST_FILE)
 
-    root, labels = Path(manifest.root), np.asarray(manifest.labels)
+    labels = np.asarray(manifest.labels)
     preprocess = load_preprocess(spec)
 
     def pipeline(rows: np.ndarray, augment=None, shuffle_seed: int | None = None):
-        return image_dataset([root / manifest.records[i].path for i in rows], labels[rows],
+        return image_dataset(manifest.paths(rows), labels[rows],
                              settings.image_size, preprocess, settings.batch_size,
                              augment=augment, shuffle_seed=shuffle_seed)
 

@@ -74,8 +74,7 @@ def predict_folder(run_dir: Path, folder: Path, store: FeatureStore,
     if name == FINETUNED:  # an end-to-end network: images in, probabilities out
         from tasks.finetune import predict_finetuned
 
-        root = Path(manifest.root)
-        predicted, scores = predict_finetuned(run_dir, [root / r.path for r in manifest.records])
+        predicted, scores = predict_finetuned(run_dir, manifest.paths())
         labels = [class_names.index(label) for label in predicted]
         counts = {"images_computed": len(labels), "images_cached": 0}
     else:

@@ -67,3 +67,16 @@ def test_empty_or_missing_folder_is_a_clear_error(tmp_path: Path) -> None:
         scan(tmp_path / "nope")
     with pytest.raises(DatasetError, match="no images"):
         scan(tmp_path)
+
+
+def test_manifest_paths_cannot_escape_the_root(image_tree: Path) -> None:
+    from dataclasses import replace
+
+    from tasks.dataset import Manifest
+
+    manifest = scan(image_tree)
+    assert manifest.paths([0])[0] == image_tree / manifest.records[0].path
+    evil = replace(manifest.records[0], path="../../etc/passwd")
+    tampered = Manifest.from_dict({**manifest.to_dict(), "records": [evil.__dict__]})
+    with pytest.raises(DatasetError, match="escapes"):
+        tampered.paths()
