@@ -115,31 +115,6 @@ def _prefetched(batches: list[list[Path]], size: int, preprocess: Callable,
             yield ahead.popleft().result()
 
 
-class _ChunkAssembler:
-    """Collects one layer's rows and hands each completed chunk to the writer."""
-
-    def __init__(self, array: FeatureArray, write: Callable[[FeatureArray, int, np.ndarray], None]):
-        self.array, self.write = array, write
-        self.start: int | None = None
-        self.parts: list[np.ndarray] = []
-
-    def add(self, first_row: int, rows: np.ndarray) -> None:
-        if self.start is None:
-            self.start = first_row
-        self.parts.append(rows)
-        buffered = np.concatenate(self.parts) if len(self.parts) > 1 else self.parts[0]
-        while self.start is not None:
-            index = self.start // self.array.chunk_rows
-            chunk = self.array.chunk_slice(index)
-            if chunk.start != self.start or self.start + len(buffered) < chunk.stop:
-                break
-            used = chunk.stop - chunk.start
-            self.write(self.array, index, buffered[:used])
-            buffered = buffered[used:]
-            self.start = chunk.stop if len(buffered) else None
-        self.parts = [buffered] if len(buffered) else []
-
-
 def _units(arrays: list[FeatureArray], n_rows: int) -> list[tuple[int, int]]:
     """Row ranges aligned to every array's chunks that still have a missing chunk."""
     unit = max(a.chunk_rows for a in arrays)
@@ -195,7 +170,8 @@ def _extract_locked(manifest: Manifest, store: FeatureStore, settings: ExtractSe
     units = _units(arrays, n_rows)
     streaming = time.perf_counter()
     if client is None:
-        computed = _run_units(manifest, model, plan, settings, arrays, units, progress)
+        sources = [row_sources(store, manifest, plan, layer) for layer in needed]
+        computed = _run_units(manifest, model, plan, settings, arrays, units, sources, progress)
     else:
         del model  # each worker builds its own
         computed = _run_on_cluster(client, manifest, store, settings, needed, keys, units,
@@ -208,37 +184,99 @@ def _extract_locked(manifest: Manifest, store: FeatureStore, settings: ExtractSe
     return ExtractResult(keys, n_rows, computed, n_rows - computed, seconds, rate, n_features)
 
 
+RowSource = dict[int, tuple[FeatureArray, int]]  # row -> (complete array, its row)
+
+
+def row_sources(store: FeatureStore, manifest: Manifest, plan: ExtractPlan,
+                layer: str) -> RowSource:
+    """Rows of this manifest whose features already exist in a complete array with the same
+    settings but another manifest (a dataset that grew, or shares images with another).
+
+    Identical settings and identical file bytes give identical features, so those rows are
+    copied instead of recomputed: a scheduled run over a grown dataset computes only new images.
+    """
+    identity = {k: v for k, v in plan.identities[layer].items() if k != "manifest_key"}
+    wanted = {record.sha256: row for row, record in enumerate(manifest.records)}
+    sources: RowSource = {}
+    for array in store.feature_arrays():
+        attrs = array.attrs
+        if (attrs.get("manifest_key") == manifest.key or not array.complete
+                or any(attrs.get(k) != v for k, v in identity.items())):
+            continue
+        for their_row, record in enumerate(store.load_manifest(attrs["manifest_key"]).records):
+            row = wanted.get(record.sha256)
+            if row is not None and row not in sources:
+                sources[row] = (array, their_row)
+    return sources
+
+
+class _ChunkCache:
+    """Reads rows of other arrays one stored chunk at a time (rows come mostly in order)."""
+
+    def __init__(self) -> None:
+        self.key: tuple[str, int] | None = None
+        self.block: np.ndarray | None = None
+
+    def row(self, array: FeatureArray, row: int) -> np.ndarray:
+        index = row // array.chunk_rows
+        if self.key != (array.key, index):
+            self.key, self.block = (array.key, index), array.data[array.chunk_slice(index)]
+        return self.block[row - index * array.chunk_rows]
+
+
+def _plan_units(arrays: list[FeatureArray], sources: list[RowSource],
+                units: list[tuple[int, int]]) -> list[tuple[int, int, list[int]]]:
+    """Per unit: the rows that must go through the backbone (missing chunk, no copy source)."""
+    missing = [set(a.missing_chunks()) for a in arrays]
+    work = []
+    for start, stop in units:
+        need: set[int] = set()
+        for array, gaps, source in zip(arrays, missing, sources, strict=True):
+            for index in range(start // array.chunk_rows, (stop - 1) // array.chunk_rows + 1):
+                if index in gaps:
+                    rows = array.chunk_slice(index)
+                    need.update(r for r in range(rows.start, rows.stop) if r not in source)
+        work.append((start, stop, sorted(need)))
+    return work
+
+
 def _run_units(manifest: Manifest, model, plan: ExtractPlan, settings: ExtractSettings,
                arrays: list[FeatureArray], units: list[tuple[int, int]],
-               progress: ProgressCallback | None) -> int:
-    """Decode ahead, infer, and write finished chunks asynchronously; returns images computed."""
-    rows = [(a, min(a + settings.batch_size, stop)) for start, stop in units
-            for a in range(start, stop, settings.batch_size)]
-    total = sum(stop - start for start, stop in units)
-    paths = [manifest.paths(range(a, b)) for a, b in rows]
-    preprocess = load_preprocess(plan.spec)
-    missing = {a.key: set(a.missing_chunks()) for a in arrays}
+               sources: list[RowSource], progress: ProgressCallback | None) -> int:
+    """Per unit: decode ahead and infer the rows nobody has, copy the rows another array has,
+    write every missing chunk asynchronously. Returns the number of images computed."""
+    work = _plan_units(arrays, sources, units)
+    size = settings.batch_size
+    batches = [rows[i:i + size] for _, _, rows in work for i in range(0, len(rows), size)]
+    decoded = _prefetched([manifest.paths(rows) for rows in batches], plan.image_size,
+                          load_preprocess(plan.spec), settings.decode_workers)
+    missing = [set(a.missing_chunks()) for a in arrays]
+    total, computed, cache = sum(len(rows) for _, _, rows in work), 0, _ChunkCache()
     writes: deque[Future] = deque()
-
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") as writer:
-        def write(array: FeatureArray, index: int, values: np.ndarray) -> None:
-            if index not in missing[array.key]:
-                return  # this chunk was already complete; its rows were recomputed for others
-            writes.append(writer.submit(array.write_chunk, index, values.copy()))
-            while len(writes) > 2 * len(arrays):
+        for start, stop, rows in work:
+            buffers = [np.zeros((stop - start, a.data.shape[1]), np.float32) for a in arrays]
+            for buffer, source in zip(buffers, sources, strict=True):
+                for row in range(start, stop):
+                    if row in source:
+                        buffer[row - start] = cache.row(*source[row])
+            for offset in range(0, len(rows), size):
+                batch_rows = np.asarray(rows[offset:offset + size]) - start
+                outputs = model.predict_on_batch(next(decoded))
+                outputs = outputs if isinstance(outputs, list | tuple) else [outputs]
+                for buffer, output in zip(buffers, outputs, strict=True):
+                    buffer[batch_rows] = np.asarray(output)
+                computed += len(batch_rows)
+                if progress:
+                    progress(computed, total)
+            for array, gaps, buffer in zip(arrays, missing, buffers, strict=True):
+                for index in range(start // array.chunk_rows, (stop - 1) // array.chunk_rows + 1):
+                    if index in gaps:
+                        rows_in = array.chunk_slice(index)
+                        values = buffer[rows_in.start - start:rows_in.stop - start]
+                        writes.append(writer.submit(array.write_chunk, index, values))
+            while len(writes) > 2:
                 writes.popleft().result()
-
-        assemblers = [_ChunkAssembler(array, write) for array in arrays]
-        computed = 0
-        batches = _prefetched(paths, plan.image_size, preprocess, settings.decode_workers)
-        for (start, stop), batch in zip(rows, batches, strict=True):
-            outputs = model.predict_on_batch(batch)
-            outputs = outputs if isinstance(outputs, list | tuple) else [outputs]
-            for assembler, output in zip(assemblers, outputs, strict=True):
-                assembler.add(start, np.asarray(output))
-            computed += stop - start
-            if progress:
-                progress(computed, total)
         while writes:
             writes.popleft().result()
     return computed
@@ -260,7 +298,8 @@ def _worker_extract(manifest: Manifest, location: str, settings: ExtractSettings
     model = build_feature_model(plan.spec, plan.weights, plan.image_size, layers,
                                 settings.pooling)
     arrays = [store.feature_array(keys[layer]) for layer in layers]
-    return _run_units(manifest, model, plan, settings, arrays, units, None)
+    sources = [row_sources(store, manifest, plan, layer) for layer in layers]
+    return _run_units(manifest, model, plan, settings, arrays, units, sources, None)
 
 
 def _run_on_cluster(client, manifest: Manifest, store: FeatureStore, settings: ExtractSettings,

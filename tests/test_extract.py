@@ -160,3 +160,18 @@ def test_two_processes_on_one_store_wait_and_share(tmp_path: Path) -> None:
     assert computed == [0, 40], outputs  # one did the work, the other waited and reused it
     array = next(FeatureStore(str(store)).feature_arrays())
     assert array.complete and array.verify() == []
+
+
+def test_grown_dataset_computes_only_new_images(image_tree: Path, tmp_path: Path) -> None:
+    store = FeatureStore(str(tmp_path / "store"))
+    before = extract(scan(image_tree), store, SMALL)
+    for i in range(3):
+        write_image(image_tree / "cats" / f"new_{i}.png", seed=5000 + i)
+    grown = scan(image_tree)
+    after = extract(grown, store, SMALL)
+    assert after.feature_keys != before.feature_keys  # a new manifest is a new array...
+    assert (after.images_computed, after.images_cached) == (3, 24)  # ...that reuses old rows
+    fresh = FeatureStore(str(tmp_path / "fresh"))
+    key = after.feature_keys["block2_pool"]
+    assert extract(grown, fresh, SMALL).images_computed == 27
+    np.testing.assert_array_equal(_features(store, key), _features(fresh, key))
