@@ -77,3 +77,69 @@ def test_user_mistakes_are_one_line_errors(tmp_path: Path) -> None:
     assert "dataset folder not found" in missing.stderr and "Traceback" not in missing.stderr
     bad = featurepipe("run", "--data", str(tmp_path), "--variance", "1.5", cwd=tmp_path)
     assert bad.returncode == 2 and "variance" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_predict_writes_a_csv_and_caches_features(first_and_second_run, digits_tree: Path,
+                                                  tmp_path: Path) -> None:
+    import csv
+    import shutil
+
+    work, (first, _) = first_and_second_run
+    new_images = tmp_path / "new"
+    new_images.mkdir()
+    for label in ("3", "7"):
+        for source in sorted((digits_tree / label).iterdir())[:2]:
+            shutil.copy(source, new_images / f"{label}_{source.name}")
+    out = tmp_path / "predictions.csv"
+    args = ("predict", "--run", first["run_id"], "--data", str(new_images), "--out", str(out),
+            "--store", str(work / "store"), "--runs", str(work / "runs"), "--json")
+    predicted = featurepipe(*args, cwd=work)
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    summary = json.loads(predicted.stdout)
+    assert summary["predictions"] == 4 and summary["images_computed"] == 4
+    rows = list(csv.DictReader(out.open()))
+    assert [r["file"] for r in rows] == sorted(p.name for p in new_images.iterdir())
+    assert {r["predicted_class"] for r in rows} <= {str(d) for d in range(10)}
+    assert {f"score_{d}" for d in range(10)} <= set(rows[0])
+    again = json.loads(featurepipe(*args, cwd=work).stdout)
+    assert again["images_computed"] == 0 and again["images_cached"] == 4
+
+
+NO_TENSORFLOW = """
+import json, sys
+from flows.pipeline import classify_flow
+from flows.settings import PipelineSettings
+settings = PipelineSettings(store=sys.argv[1], runs=sys.argv[2], classifiers=["logreg"])
+summary = classify_flow(settings, [sys.argv[3]])
+print(json.dumps({"accuracy": summary["accuracy"],
+                  "loaded": [m for m in ("tensorflow", "keras") if m in sys.modules]}))
+"""
+
+
+def test_classifier_only_rerun_never_loads_tensorflow(first_and_second_run) -> None:
+    work, (first, _) = first_and_second_run
+    key = first["layers"]["block3_pool"]["feature_key"]
+    done = subprocess.run([sys.executable, "-c", NO_TENSORFLOW, str(work / "store"),
+                           str(work / "runs"), key], cwd=Path(__file__).parents[1], env=ENV,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["loaded"] == []  # no backbone can be built without TensorFlow
+    assert result["accuracy"]["logreg"] == first["accuracy"]["logreg"]
+
+
+def test_sweep_compares_layers_in_one_table(first_and_second_run, digits_tree: Path) -> None:
+    work, _ = first_and_second_run
+    sweep = featurepipe("sweep", "--data", str(digits_tree), "--store", str(work / "store"),
+                        "--runs", str(work / "runs"), "--weights", "none", "--image-size", "32",
+                        "--layers", "block2_pool,block3_pool", "--pooling", "avg",
+                        "--classifiers", "logreg", "--json", cwd=work)
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    summary = json.loads(sweep.stdout)
+    assert summary["images_computed"] == 150  # block2_pool is new; block3_pool came cached
+    assert [(r["layer"], r["classifier"]) for r in summary["sweep"]] == [
+        ("block2_pool", "logreg"), ("block3_pool", "logreg")]
+    for path in summary["sweep_files"].values():
+        assert Path(path).is_file()
+    table = Path(summary["sweep_files"]["md"]).read_text()
+    assert "block2_pool" in table and "block3_pool" in table
