@@ -19,6 +19,8 @@ from tasks.errors import UserError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Prefect's local API needs ~10 s to start and 20 s is its time-out: too tight on a busy machine.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 app = typer.Typer(help="featurepipe: CNN features -> Zarr store -> Dask PCA -> classifiers, "
                        "orchestrated by Prefect.", no_args_is_help=True,

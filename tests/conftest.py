@@ -13,6 +13,7 @@ from PIL import Image
 # Before Prefect is imported anywhere: its local (ephemeral) API keeps its database here.
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="featurepipe-prefect-"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 

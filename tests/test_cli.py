@@ -82,14 +82,16 @@ def test_user_mistakes_are_one_line_errors(tmp_path: Path) -> None:
 def test_predict_writes_a_csv_and_caches_features(first_and_second_run, digits_tree: Path,
                                                   tmp_path: Path) -> None:
     import csv
-    import shutil
+
+    from PIL import Image, ImageOps
 
     work, (first, _) = first_and_second_run
     new_images = tmp_path / "new"
     new_images.mkdir()
-    for label in ("3", "7"):
+    for label in ("3", "7"):  # shifted copies: new bytes, so their features are computed
         for source in sorted((digits_tree / label).iterdir())[:2]:
-            shutil.copy(source, new_images / f"{label}_{source.name}")
+            shifted = ImageOps.expand(Image.open(source), border=(2, 0, 0, 2))
+            shifted.resize((32, 32)).save(new_images / f"{label}_{source.name}")
     out = tmp_path / "predictions.csv"
     args = ("predict", "--run", first["run_id"], "--data", str(new_images), "--out", str(out),
             "--store", str(work / "store"), "--runs", str(work / "runs"), "--json")
