@@ -18,7 +18,7 @@ from tasks.dataset import Manifest
 from tasks.splits import rows_key
 from tasks.store import FeatureStore, StoreError
 
-REDUCE_VERSION = "1"  # bump when a code change alters reductions for the same settings
+REDUCE_VERSION = "2"  # bump when a code change alters reductions for the same settings
 
 
 @dataclass
@@ -111,14 +111,14 @@ def classify_run(store: FeatureStore, manifest: Manifest, reduction: ReduceOutco
                                   manifest.class_names, seed=seed)
                for name in classifiers]
     run_dir.mkdir(parents=True, exist_ok=True)
-    cumulative = attrs["pca"].get("cumulative_variance_ratio")
-    if cumulative:
-        explained_variance_png(np.asarray(cumulative), reduction.n_components,
-                               attrs["variance"], run_dir / "pca_variance.png")
+    plot = explained_variance_png(np.asarray(attrs["pca"]["cumulative_variance_ratio"]),
+                                  reduction.n_components, attrs["variance"],
+                                  run_dir / "pca_variance.png")
     keys = {"manifest": manifest.key, "features": reduction.feature_key,
             "reduction": reduction.key}
     info = {"n_components": reduction.n_components, "pca_method": reduction.method,
             "explained_variance": reduction.explained_variance,
+            "pca_variance_plot": plot.name,
             "n_train": int(len(train_rows)), "n_test": int(len(test_rows)), **(extras or {})}
     return write_run(run_dir, settings=settings, keys=keys, results=results,
                      class_names=manifest.class_names,
