@@ -11,10 +11,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-from prefect import flow, get_run_logger, task
+from prefect import Task, flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import TaskRun
 from prefect.runtime import flow_run
+from prefect.states import State
 
 from flows.progress import ExtractProgress
 from flows.settings import PipelineSettings
@@ -24,6 +26,18 @@ from tasks.extract import ExtractResult, extract
 from tasks.splits import split_rows
 from tasks.stages import ReduceOutcome, classify_run, reduce_cached
 from tasks.store import FeatureStore
+
+
+def transient_io_failure(task: Task, task_run: TaskRun, state: State) -> bool:
+    """Retry I/O hiccups (a network store, a busy disk), never bad input or bugs: those fail
+    the same way every time, and a retry would only hide the message."""
+    error = state.result(raise_on_failure=False)
+    return isinstance(error, OSError) and not isinstance(error, UserError)
+
+
+# Backoff between attempts; extraction resumes from its finished chunks on every retry.
+IO_RETRIES = {"retries": 2, "retry_delay_seconds": [10, 60],
+              "retry_condition_fn": transient_io_failure}
 
 
 def _run_name() -> str:
@@ -58,8 +72,9 @@ def _require_classes(manifest: Manifest) -> None:
                         f"{len(manifest.class_names)} ({', '.join(manifest.class_names)})")
 
 
-@task(name="extract", cache_policy=NO_CACHE, task_run_name="extract-{settings.backbone}",
-      tags=["backbone"])  # `prefect concurrency-limit create backbone 1` serialises passes
+# tag "backbone": `prefect concurrency-limit create backbone 1` serialises backbone passes
+@task(name="extract", cache_policy=NO_CACHE, **IO_RETRIES,
+      task_run_name="extract-{settings.backbone}", tags=["backbone"])
 def extract_task(manifest: Manifest, settings: PipelineSettings) -> ExtractResult:
     from tasks.cluster import dask_client
 
@@ -79,7 +94,7 @@ def extract_task(manifest: Manifest, settings: PipelineSettings) -> ExtractResul
     return result
 
 
-@task(name="reduce", cache_policy=NO_CACHE, task_run_name="reduce-{layer}")
+@task(name="reduce", cache_policy=NO_CACHE, **IO_RETRIES, task_run_name="reduce-{layer}")
 def reduce_task(settings: PipelineSettings, layer: str, feature_key: str,
                 train_rows: np.ndarray) -> ReduceOutcome:
     from tasks.cluster import dask_client
@@ -93,7 +108,7 @@ def reduce_task(settings: PipelineSettings, layer: str, feature_key: str,
     return outcome
 
 
-@task(name="classify", cache_policy=NO_CACHE, task_run_name="classify-{layer}")
+@task(name="classify", cache_policy=NO_CACHE, **IO_RETRIES, task_run_name="classify-{layer}")
 def classify_task(settings: PipelineSettings, layer: str, manifest: Manifest,
                   reduction: ReduceOutcome, train_rows: np.ndarray, test_rows: np.ndarray,
                   extras: dict) -> dict:
@@ -105,7 +120,8 @@ def classify_task(settings: PipelineSettings, layer: str, manifest: Manifest,
                     "dataset": str(settings.data or manifest.root)}
     report = classify_run(FeatureStore(settings.store), manifest, reduction, train_rows,
                           test_rows, settings.classifiers, run_dir, run_settings,
-                          seed=settings.seed, extras=extras)
+                          seed=settings.seed, extras=extras,
+                          options=settings.classifier_options)
     create_table_artifact(metrics_table(report), description=f"metrics {layer}")
     create_markdown_artifact(run_summary_markdown(report), description=f"report {layer}")
     create_link_artifact(run_dir.resolve().as_uri(), link_text=f"run folder {run_id}")

@@ -40,6 +40,8 @@ class PipelineSettings(BaseModel):
     variance: float = Field(0.8, gt=0.0, le=1.0, description="PCA variance target")
     pca_method: Literal["gram", "randomized", "incremental"] = "gram"
     classifiers: list[str] = Field(default_factory=lambda: ["svm", "logreg"])
+    classifier_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Per classifier, e.g. {svm: {param_grid: {C: [1, 10]}}}")
     split: Literal["auto", "stratified", "grouped", "folder"] = "auto"
     test_size: float = Field(0.25, gt=0.0, lt=1.0)
     group_regex: str | None = None
@@ -63,6 +65,15 @@ class PipelineSettings(BaseModel):
         if unknown or not value:
             raise ValueError(f"unknown classifier(s) {unknown or value}; choose from "
                              f"{', '.join(CLASSIFIERS)}")
+        return value
+
+    @field_validator("classifier_options")
+    @classmethod
+    def _known_options(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from tasks.classify import resolve_options
+
+        for name, options in value.items():
+            resolve_options(name, options)  # unknown names/keys fail here, not after extraction
         return value
 
     def extract_settings(self) -> ExtractSettings:

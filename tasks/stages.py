@@ -98,7 +98,8 @@ def load_pca(store: FeatureStore, key: str):
 
 def classify_run(store: FeatureStore, manifest: Manifest, reduction: ReduceOutcome,
                  train_rows: np.ndarray, test_rows: np.ndarray, classifiers: list[str],
-                 run_dir: Path, settings: dict, seed: int = 0, extras: dict | None = None) -> dict:
+                 run_dir: Path, settings: dict, seed: int = 0, extras: dict | None = None,
+                 options: dict[str, dict] | None = None) -> dict:
     """Fit every classifier on cached reduced rows, evaluate on the test rows, write the run."""
     from tasks.classify import train_and_evaluate
     from tasks.plots import explained_variance_png
@@ -108,7 +109,8 @@ def classify_run(store: FeatureStore, manifest: Manifest, reduction: ReduceOutco
     labels = np.asarray(manifest.labels)
     results = [train_and_evaluate(name, projected[train_rows], labels[train_rows],
                                   projected[test_rows], labels[test_rows],
-                                  manifest.class_names, seed=seed)
+                                  manifest.class_names, options=(options or {}).get(name),
+                                  seed=seed)
                for name in classifiers]
     run_dir.mkdir(parents=True, exist_ok=True)
     plot = explained_variance_png(np.asarray(attrs["pca"]["cumulative_variance_ratio"]),

@@ -1,0 +1,49 @@
+"""Flow wiring that is ours, run by Prefect itself (local mode): retries on I/O only."""
+
+from __future__ import annotations
+
+import pytest
+from prefect import flow, task
+
+from flows.pipeline import IO_RETRIES
+from tasks.errors import UserError
+
+FAST_RETRIES = {**IO_RETRIES, "retry_delay_seconds": [0, 0]}  # same policy, no waiting
+
+
+def _attempts_until_done(error: Exception, failures: int) -> int:
+    """Run a task that fails `failures` times with `error` under the production retry policy."""
+    attempts = []
+
+    @task(**FAST_RETRIES)
+    def step() -> None:
+        attempts.append(1)
+        if len(attempts) <= failures:
+            raise error
+
+    @flow
+    def wrapper() -> None:
+        step()
+
+    try:
+        wrapper()
+    except type(error):
+        pass
+    return len(attempts)
+
+
+def test_transient_io_errors_are_retried() -> None:
+    assert _attempts_until_done(ConnectionResetError("store hiccup"), failures=2) == 3
+
+
+def test_bad_input_is_not_retried() -> None:
+    assert _attempts_until_done(UserError("no such layer"), failures=5) == 1
+
+
+def test_io_errors_give_up_after_two_retries() -> None:
+    with pytest.raises(TimeoutError):
+        flow(lambda: task(**FAST_RETRIES)(_time_out)())()
+
+
+def _time_out() -> None:
+    raise TimeoutError("object store did not answer")
