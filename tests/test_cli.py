@@ -145,3 +145,19 @@ def test_sweep_compares_layers_in_one_table(first_and_second_run, digits_tree: P
         assert Path(path).is_file()
     table = Path(summary["sweep_files"]["md"]).read_text()
     assert "block2_pool" in table and "block3_pool" in table
+
+
+def test_store_maintenance_commands(first_and_second_run) -> None:
+    work, (first, _) = first_and_second_run
+    store = ("--store", str(work / "store"))
+    layer = first["layers"]["block3_pool"]
+    info = featurepipe("store", "info", layer["feature_key"][:10], *store, cwd=work)
+    assert info.returncode == 0 and json.loads(info.stdout)["layer"] == "block3_pool"
+    removed = featurepipe("store", "rm", layer["reduce_key"], *store, cwd=work)
+    assert removed.stdout.strip() == f"removed reduced/{layer['reduce_key']}"
+    assert featurepipe("store", "gc", *store, cwd=work).returncode == 0
+    listing = json.loads(featurepipe("store", "ls", *store, "--json", cwd=work).stdout)
+    assert layer["reduce_key"] not in {row["key"] for row in listing["arrays"]}
+    assert layer["feature_key"] in {row["key"] for row in listing["arrays"]}
+    unknown = featurepipe("store", "info", "zzzz", *store, cwd=work)
+    assert unknown.returncode == 2 and "no key starting with 'zzzz'" in unknown.stderr
