@@ -35,7 +35,10 @@ def wait_until(check: Callable[[], T | None], timeout: float, what: str,
     """Poll `check` until it returns something truthy; fail with `what` after `timeout` s."""
     deadline = time.monotonic() + timeout
     while True:
-        result = check()
+        try:
+            result = check()
+        except httpx.TransportError:  # a busy server (SQLite, 2 shared cores) answers late
+            result = None
         if result:
             return result
         if time.monotonic() > deadline:
@@ -76,7 +79,7 @@ class PrefectServer:
     log: Path
 
     def request(self, method: str, path: str, body: dict | None = None) -> Any:
-        response = httpx.request(method, f"{self.url}/api{path}", json=body, timeout=30)
+        response = httpx.request(method, f"{self.url}/api{path}", json=body, timeout=60)
         response.raise_for_status()
         return response.json() if response.content else None
 
