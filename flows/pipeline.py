@@ -234,7 +234,7 @@ def sweep_flow(settings: PipelineSettings) -> dict:
     return {**summary, "sweep": rows, "sweep_files": {k: str(v) for k, v in paths.items()}}
 
 
-@flow(name="predict")
+@flow(name="predict", flow_run_name="predict-{run_dir.name}")
 def predict_flow(run_dir: Path, data: Path, out: Path, store: str = "featurepipe-store",
                  classifier: str | None = None) -> dict:
     """Predict new images with a finished run and write a CSV (file, class, scores)."""
