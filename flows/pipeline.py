@@ -24,7 +24,7 @@ from tasks.dataset import Manifest, scan
 from tasks.errors import UserError
 from tasks.extract import ExtractResult, extract
 from tasks.splits import split_rows
-from tasks.stages import ReduceOutcome, classify_run, reduce_cached
+from tasks.stages import ReduceOutcome, cached_reduction, classify_run, reduce_cached
 from tasks.store import FeatureStore
 
 
@@ -90,7 +90,7 @@ def extract_task(manifest: Manifest, settings: PipelineSettings) -> ExtractResul
                                                      "same features into this store"),
                          client=client)
     logger.info("features: %d computed, %d cached (%.1f s)", result.images_computed,
-                          result.images_cached, result.seconds)
+                result.images_cached, result.seconds)
     return result
 
 
@@ -100,9 +100,12 @@ def reduce_task(settings: PipelineSettings, layer: str, feature_key: str,
     from tasks.cluster import dask_client
 
     store = FeatureStore(settings.store)
-    with dask_client(settings.dask_address, settings.workers):
-        outcome = reduce_cached(store, feature_key, train_rows, settings.pca_method,
-                                settings.variance)
+    outcome = cached_reduction(store, feature_key, train_rows, settings.pca_method,
+                               settings.variance)
+    if outcome is None:  # start a cluster only when there is something to fit
+        with dask_client(settings.dask_address, settings.workers):
+            outcome = reduce_cached(store, feature_key, train_rows, settings.pca_method,
+                                    settings.variance)
     get_run_logger().info("%s: %d components (%s, %s)", layer, outcome.n_components,
                           outcome.method, "cached" if outcome.cached else "fitted")
     return outcome

@@ -42,6 +42,19 @@ def reduce_key(feature_key: str, train_rows: np.ndarray, method: str, variance: 
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
 
 
+def cached_reduction(store: FeatureStore, feature_key: str, train_rows: np.ndarray,
+                     method: str = "gram", variance: float = 0.8) -> ReduceOutcome | None:
+    """The stored reduction for these settings, if any (cheap: no Dask cluster needed)."""
+    began = time.perf_counter()
+    key = reduce_key(feature_key, train_rows, method, variance)
+    loaded = store.load_reduction(key)
+    if loaded is None:
+        return None
+    attrs = loaded[1]
+    return ReduceOutcome(key, feature_key, attrs["n_components"], attrs["method"], True,
+                         time.perf_counter() - began, attrs["explained_variance"])
+
+
 def reduce_cached(store: FeatureStore, feature_key: str, train_rows: np.ndarray,
                   method: str = "gram", variance: float = 0.8) -> ReduceOutcome:
     """Fit min-max + PCA on the train rows only, project every row, and store both.
@@ -51,12 +64,10 @@ def reduce_cached(store: FeatureStore, feature_key: str, train_rows: np.ndarray,
     from tasks.reduce import ScaledPCA
 
     began = time.perf_counter()
-    key = reduce_key(feature_key, train_rows, method, variance)
-    cached = store.load_reduction(key)
+    cached = cached_reduction(store, feature_key, train_rows, method, variance)
     if cached is not None:
-        attrs = cached[1]
-        return ReduceOutcome(key, feature_key, attrs["n_components"], attrs["method"], True,
-                             time.perf_counter() - began, attrs["explained_variance"])
+        return cached
+    key = reduce_key(feature_key, train_rows, method, variance)
     features = store.feature_array(feature_key)
     if features is None or not features.complete:
         raise StoreError(f"features {feature_key} are missing or incomplete: run extract first")
