@@ -79,7 +79,12 @@ class PrefectServer:
     log: Path
 
     def request(self, method: str, path: str, body: dict | None = None) -> Any:
-        response = httpx.request(method, f"{self.url}/api{path}", json=body, timeout=60)
+        """One API call; a 503 (SQLite busy on 2 loaded cores) is retried a few times."""
+        for attempt in range(5):
+            response = httpx.request(method, f"{self.url}/api{path}", json=body, timeout=60)
+            if response.status_code != 503 or attempt == 4:
+                break
+            time.sleep(2 * (attempt + 1))
         response.raise_for_status()
         return response.json() if response.content else None
 
