@@ -423,7 +423,11 @@ def runs_ls(runs: Runs = None, json_out: JsonOut = False) -> None:
             _print({"runs": rows}, True, print)
             return
         for row in rows:
-            typer.echo(json.dumps(row, default=str))
+            scores = ", ".join(f"{name} {acc:.3f}" for name, acc in row["accuracy"].items())
+            dataset = Path(str(row["dataset"])).name
+            typer.echo(f"{row['id']}  {dataset}  {row['backbone']}/{row['layer']}  {scores}")
+        if not rows:
+            typer.echo(f"no finished runs in {runs or Path('runs')}")
 
     _guarded(body)
 
