@@ -78,6 +78,13 @@ class ExtractPlan:
         return feature_key(self.identities[layer])
 
 
+def same_settings(attrs: dict, other: dict) -> bool:
+    """Whether two feature arrays were extracted with the same settings (any manifests)."""
+    fields = ("backbone", "weights", "layer", "image_size", "pooling", "dtype", "preprocess",
+              "resize", "version")
+    return all(attrs.get(name) == other.get(name) for name in fields)
+
+
 def feature_key(identity: dict) -> str:
     """Content key of a feature array: hash of everything that changes its values."""
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
@@ -195,13 +202,12 @@ def row_sources(store: FeatureStore, manifest: Manifest, plan: ExtractPlan,
     Identical settings and identical file bytes give identical features, so those rows are
     copied instead of recomputed: a scheduled run over a grown dataset computes only new images.
     """
-    identity = {k: v for k, v in plan.identities[layer].items() if k != "manifest_key"}
     wanted = {record.sha256: row for row, record in enumerate(manifest.records)}
     sources: RowSource = {}
     for array in store.feature_arrays():
         attrs = array.attrs
         if (attrs.get("manifest_key") == manifest.key or not array.complete
-                or any(attrs.get(k) != v for k, v in identity.items())):
+                or not same_settings(attrs, plan.identities[layer])):
             continue
         for their_row, record in enumerate(store.load_manifest(attrs["manifest_key"]).records):
             row = wanted.get(record.sha256)

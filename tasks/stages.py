@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,18 +73,62 @@ def reduce_cached(store: FeatureStore, feature_key: str, train_rows: np.ndarray,
     if features is None or not features.complete:
         raise StoreError(f"features {feature_key} are missing or incomplete: run extract first")
     data = features.as_dask()
-    pca = ScaledPCA(variance=variance, method=method).fit(data[np.sort(train_rows)])
+    base = _incremental_base(store, feature_key, train_rows, variance) \
+        if method == "incremental" else None
+    lineage = {}
+    if base is None:
+        pca = ScaledPCA(variance=variance, method=method).fit(data[np.sort(train_rows)])
+    else:  # a grown dataset: update the earlier fit with the new training rows only
+        base_key, new_rows = base
+        pca = load_pca(store, base_key)
+        if new_rows:
+            pca.partial_fit(data[np.asarray(new_rows)])
+        lineage = {"updated_from": base_key, "rows_added": len(new_rows)}
     projected = np.asarray(pca.transform(data).compute(), dtype=np.float32)
     state, state_attrs = pca.to_state()
     explained = float(np.sum(pca.explained_variance_ratio_))
     attrs = {"feature_key": feature_key, "method": pca.method_,
              "n_components": int(pca.n_components_), "variance": variance,
              "explained_variance": explained, "train_rows": np.sort(train_rows).tolist(),
-             "pca": state_attrs, "seconds": time.perf_counter() - began}
+             "pca": state_attrs, "seconds": time.perf_counter() - began, **lineage}
     store.save_reduction(key, {"projected": projected,
                                **{f"pca_{name}": value for name, value in state.items()}}, attrs)
     return ReduceOutcome(key, feature_key, int(pca.n_components_), pca.method_, False,
                          time.perf_counter() - began, explained)
+
+
+def _incremental_base(store: FeatureStore, feature_key: str, train_rows: np.ndarray,
+                      variance: float) -> tuple[str, list[int]] | None:
+    """An incremental reduction of an earlier version of this dataset (same extraction
+    settings, another manifest) whose training images are all among ours: its key and the
+    training rows it has not seen. The closest one (fewest new rows) wins."""
+    from tasks.extract import same_settings
+
+    ours = store.manifest_for(feature_key)
+    our_train = Counter(ours.records[r].sha256 for r in train_rows)
+    best: tuple[int, str, list[int]] | None = None
+    for key, attrs in store.reductions():
+        if (attrs.get("method") != "incremental" or attrs.get("variance") != variance
+                or not attrs.get("complete") or attrs.get("feature_key") == feature_key):
+            continue
+        sibling = store.feature_array(attrs["feature_key"])
+        if sibling is None or not same_settings(sibling.attrs, store.feature_array(
+                feature_key).attrs):
+            continue
+        theirs = store.load_manifest(sibling.attrs["manifest_key"])
+        seen = Counter(theirs.records[r].sha256 for r in attrs["train_rows"])
+        if seen - our_train:
+            continue  # it learned from an image we do not train on: no exact update exists
+        new_rows = []
+        for row in sorted(int(r) for r in train_rows):
+            sha = ours.records[row].sha256
+            if seen[sha] > 0:
+                seen[sha] -= 1
+            else:
+                new_rows.append(row)
+        if best is None or len(new_rows) < best[0]:
+            best = (len(new_rows), key, new_rows)
+    return None if best is None else (best[1], best[2])
 
 
 def load_projected(store: FeatureStore, key: str) -> tuple[np.ndarray, dict]:
