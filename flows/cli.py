@@ -21,6 +21,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # Prefect's local API needs ~10 s to start and 20 s is its time-out: too tight on a busy machine.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+# Our own progress lines (e.g. long PCA passes) go to the run's log and the console.
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "featurepipe")
 
 app = typer.Typer(help="featurepipe: CNN features -> Zarr store -> Dask PCA -> classifiers, "
                        "orchestrated by Prefect.", no_args_is_help=True,

@@ -24,9 +24,11 @@ blocks are accumulated in this process, where their memory is bounded and predic
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +45,8 @@ from sklearn.base import BaseEstimator
 from threadpoolctl import threadpool_limits
 
 METHODS = ("gram", "randomized", "incremental")
+PROGRESS_SECONDS = 10.0  # at most one progress line per this many seconds of streaming
+logger = logging.getLogger("featurepipe.reduce")
 PANEL_BYTES = 256 * 2**20  # "gram" default: rows held per panel (about 334 block3_pool rows)
 STEP_BYTES = 32 * 2**20  # rows pulled per streaming step (input chunks are grouped up to this)
 INCREMENTAL_BATCH = 256  # "incremental" default rows per update (and components kept)
@@ -156,12 +160,16 @@ def _stream(Xc: da.Array, steps: list[tuple[int, int]]) -> Iterator[tuple[int, i
     """
     if not steps:
         return
+    last_report = time.monotonic()
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(_fetch, Xc, *steps[0])
         for i, (a, b) in enumerate(steps):
             block = pending.result()
             if i + 1 < len(steps):
                 pending = pool.submit(_fetch, Xc, *steps[i + 1])
+            if time.monotonic() - last_report > PROGRESS_SECONDS:  # long passes show progress
+                last_report = time.monotonic()
+                logger.info("PCA pass: rows %d-%d of %d-%d read", a, b, steps[0][0], steps[-1][1])
             yield a, b, block
 
 
