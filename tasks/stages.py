@@ -48,10 +48,9 @@ def cached_reduction(store: FeatureStore, feature_key: str, train_rows: np.ndarr
     """The stored reduction for these settings, if any (cheap: no Dask cluster needed)."""
     began = time.perf_counter()
     key = reduce_key(feature_key, train_rows, method, variance)
-    loaded = store.load_reduction(key)
-    if loaded is None:
+    attrs = store.reduction_attrs(key)
+    if attrs is None:
         return None
-    attrs = loaded[1]
     return ReduceOutcome(key, feature_key, attrs["n_components"], attrs["method"], True,
                          time.perf_counter() - began, attrs["explained_variance"])
 
@@ -105,6 +104,7 @@ def _incremental_base(store: FeatureStore, feature_key: str, train_rows: np.ndar
     from tasks.extract import same_settings
 
     ours = store.manifest_for(feature_key)
+    our_settings = store.feature_array(feature_key).attrs
     our_train = Counter(ours.records[r].sha256 for r in train_rows)
     best: tuple[int, str, list[int]] | None = None
     for key, attrs in store.reductions():
@@ -112,8 +112,7 @@ def _incremental_base(store: FeatureStore, feature_key: str, train_rows: np.ndar
                 or not attrs.get("complete") or attrs.get("feature_key") == feature_key):
             continue
         sibling = store.feature_array(attrs["feature_key"])
-        if sibling is None or not same_settings(sibling.attrs, store.feature_array(
-                feature_key).attrs):
+        if sibling is None or not same_settings(sibling.attrs, our_settings):
             continue
         theirs = store.load_manifest(sibling.attrs["manifest_key"])
         seen = Counter(theirs.records[r].sha256 for r in attrs["train_rows"])
@@ -133,7 +132,7 @@ def _incremental_base(store: FeatureStore, feature_key: str, train_rows: np.ndar
 
 def load_projected(store: FeatureStore, key: str) -> tuple[np.ndarray, dict]:
     """The projected rows of a stored reduction and its attributes."""
-    loaded = store.load_reduction(key)
+    loaded = store.load_reduction(key, names=lambda name: name == "projected")
     if loaded is None:
         raise StoreError(f"no complete reduction {key} in {store.location}")
     arrays, attrs = loaded
@@ -144,11 +143,11 @@ def load_pca(store: FeatureStore, key: str):
     """The fitted ScaledPCA of a stored reduction (used by prediction)."""
     from tasks.reduce import ScaledPCA
 
-    arrays, attrs = store.load_reduction(key) or ({}, {})
-    if not arrays:
+    loaded = store.load_reduction(key, names=lambda name: name.startswith("pca_"))
+    if loaded is None:
         raise StoreError(f"no complete reduction {key} in {store.location}")
-    state = {name[len("pca_"):]: value for name, value in arrays.items()
-             if name.startswith("pca_")}
+    arrays, attrs = loaded
+    state = {name[len("pca_"):]: value for name, value in arrays.items()}
     return ScaledPCA.from_state(state, attrs["pca"])
 
 

@@ -246,15 +246,24 @@ class FeatureStore:
                                config={"write_empty_chunks": True})
         group.attrs.update({"complete": True, "created": time.time()})
 
-    def load_reduction(self, key: str) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+    def reduction_attrs(self, key: str) -> dict[str, Any] | None:
+        """Attributes of a complete reduction (no array is read), or None."""
         try:
-            group = self.root[f"reduced/{key}"]
+            attrs = self.root[f"reduced/{key}"].attrs.asdict()
         except KeyError:
             return None
-        attrs = group.attrs.asdict()
-        if not attrs.get("complete"):
+        return attrs if attrs.get("complete") else None
+
+    def load_reduction(self, key: str, names: Callable[[str], bool] | None = None
+                       ) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+        """Arrays (those whose name `names` accepts, default all) and attributes of a complete
+        reduction. Callers pick: the (k, d) PCA components can be far larger than the rows."""
+        attrs = self.reduction_attrs(key)
+        if attrs is None:
             return None
-        return {name: array[...] for name, array in group.arrays()}, attrs
+        group = self.root[f"reduced/{key}"]
+        return {name: array[...] for name, array in group.arrays()
+                if names is None or names(name)}, attrs
 
     def reductions(self) -> Iterator[tuple[str, dict[str, Any]]]:
         if "reduced" not in self.root:
