@@ -230,10 +230,9 @@ class _ChunkCache:
         return self.block[row - index * array.chunk_rows]
 
 
-def _plan_units(arrays: list[FeatureArray], sources: list[RowSource],
+def _plan_units(arrays: list[FeatureArray], missing: list[set[int]], sources: list[RowSource],
                 units: list[tuple[int, int]]) -> list[tuple[int, int, list[int]]]:
     """Per unit: the rows that must go through the backbone (missing chunk, no copy source)."""
-    missing = [set(a.missing_chunks()) for a in arrays]
     work = []
     for start, stop in units:
         need: set[int] = set()
@@ -251,12 +250,12 @@ def _run_units(manifest: Manifest, model, plan: ExtractPlan, settings: ExtractSe
                sources: list[RowSource], progress: ProgressCallback | None) -> int:
     """Per unit: decode ahead and infer the rows nobody has, copy the rows another array has,
     write every missing chunk asynchronously. Returns the number of images computed."""
-    work = _plan_units(arrays, sources, units)
+    missing = [set(a.missing_chunks()) for a in arrays]  # read the done flags once
+    work = _plan_units(arrays, missing, sources, units)
     size = settings.batch_size
     batches = [rows[i:i + size] for _, _, rows in work for i in range(0, len(rows), size)]
     decoded = _prefetched([manifest.paths(rows) for rows in batches], plan.image_size,
                           load_preprocess(plan.spec), settings.decode_workers)
-    missing = [set(a.missing_chunks()) for a in arrays]
     total, computed, cache = sum(len(rows) for _, _, rows in work), 0, _ChunkCache()
     writes: deque[Future] = deque()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") as writer:
