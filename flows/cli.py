@@ -5,17 +5,18 @@ Heavy imports (Prefect, TensorFlow, Dask) happen inside commands so `--help` sta
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from tasks.errors import UserError
+from tasks.errors import UserError, disk_full_message, is_disk_full
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -37,35 +38,71 @@ app.add_typer(backbones_app, name="backbones")
 
 Data = Annotated[Path | None, typer.Option(help="Image folder: one sub-folder per class, "
                                                 "optionally inside train/ valid/ test/.")]
-Store = Annotated[str | None, typer.Option(help="Feature store path [featurepipe-store].")]
-Runs = Annotated[Path | None, typer.Option(help="Folder for run reports [runs].")]
+Store = Annotated[str | None, typer.Option(help="Feature store path (default featurepipe-store).")]
+Runs = Annotated[Path | None, typer.Option(help="Folder for run reports (default runs).")]
 Backbone = Annotated[str | None, typer.Option(help="vgg16, vgg19, resnet50, densenet169, "
                                                    "inceptionv3, xception, mobilenetv2, "
-                                                   "efficientnetb0 [vgg16].")]
+                                                   "efficientnetb0, efficientnet-lite0 "
+                                                   "(default vgg16).")]
 Layers = Annotated[str | None, typer.Option(help="Comma-separated cut layers, all extracted in "
-                                                 "one pass [backbone default, e.g. block5_pool].")]
+                                                 "one pass (default: the backbone's, e.g. "
+                                                 "block5_pool).")]
 Weights = Annotated[str | None, typer.Option(help="imagenet (download, cached), hed-vgg16 "
-                                                  "(offline), none, or a weights file path.")]
-ImageSize = Annotated[int | None, typer.Option(help="Square input size [backbone default].")]
+                                                  "(offline), none, or a weights file path "
+                                                  "(default imagenet).")]
+ImageSize = Annotated[int | None, typer.Option(help="Square input size (default: the backbone's).")]
 Pooling = Annotated[str | None, typer.Option(help="Global pooling of the cut: avg or max.")]
-Dtype = Annotated[str | None, typer.Option(help="float32 or float16 features [float32].")]
-BatchSize = Annotated[int | None, typer.Option(help="Images per forward pass [16].")]
+Dtype = Annotated[str | None, typer.Option(help="float32 or float16 features (default float32).")]
+BatchSize = Annotated[int | None, typer.Option(help="Images per forward pass (default 16).")]
 Classifiers = Annotated[str | None, typer.Option(help="Comma list: svm, logreg, knn, dense256, "
-                                                      "dense64bn [svm,logreg].")]
+                                                      "dense64bn (default svm,logreg).")]
 Limit = Annotated[int | None, typer.Option(help="Use at most N images per class.")]
-Variance = Annotated[float | None, typer.Option(help="PCA variance target in (0, 1] [0.8].")]
+Variance = Annotated[float | None, typer.Option(help="PCA variance target in (0, 1] "
+                                                   "(default 0.8).")]
+Components = Annotated[int | None, typer.Option(help="Fixed number of PCA components, instead "
+                                                     "of the variance target.")]
 PcaMethod = Annotated[str | None, typer.Option(help="gram (exact), randomized, incremental.")]
-Split = Annotated[str | None, typer.Option(help="auto, stratified, grouped, folder [auto].")]
-TestSize = Annotated[float | None, typer.Option(help="Test fraction [0.25].")]
+Split = Annotated[str | None, typer.Option(help="auto, stratified, grouped, folder "
+                                                "(default auto).")]
+TestSize = Annotated[float | None, typer.Option(help="Test fraction (default 0.25).")]
 GroupRegex = Annotated[str | None, typer.Option(help="Regex on file names giving the group "
                                                      "for --split grouped, e.g. '_(\\d+)_'.")]
-Seed = Annotated[int | None, typer.Option(help="Seed for splits, init and classifiers [0].")]
+Seed = Annotated[int | None, typer.Option(help="Seed for splits, init and classifiers "
+                                               "(default 0).")]
 DaskAddress = Annotated[str | None, typer.Option(help="Existing Dask scheduler tcp://host:port.")]
-Workers = Annotated[int | None, typer.Option(help="Local Dask worker processes [1].")]
+Workers = Annotated[int | None, typer.Option(help="Local Dask worker processes (default 1).")]
 Config = Annotated[Path | None, typer.Option(help="YAML or TOML file of settings; flags win.")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")]
 Features = Annotated[str, typer.Option(help="Comma list of feature keys (or unique prefixes), "
                                             "see `featurepipe store ls`.")]
+Cron = Annotated[str, typer.Option(help="When the pipeline runs: cron, UTC (default 0 2 * * *).")]
+
+# Settings options, each given only when set (None = the config file's value or the default).
+REDUCE_OPTIONS = {"store": Store, "variance": Variance, "components": Components,
+                  "pca_method": PcaMethod, "split": Split, "test_size": TestSize,
+                  "group_regex": GroupRegex, "seed": Seed, "dask_address": DaskAddress,
+                  "workers": Workers, "config": Config}
+CLASSIFY_OPTIONS = {"runs": Runs, "classifiers": Classifiers, **REDUCE_OPTIONS}
+PIPELINE_OPTIONS = {"data": Data, "backbone": Backbone, "layers": Layers, "weights": Weights,
+                    "image_size": ImageSize, "pooling": Pooling, "dtype": Dtype,
+                    "batch_size": BatchSize, "limit_per_class": Limit, **CLASSIFY_OPTIONS}
+
+
+def _options(settings: dict[str, Any], **extra: tuple[Any, Any]) -> Callable[[Callable], Callable]:
+    """Declare the options of a `**flags` command: `settings` (default None) then `extra`
+    (name=(annotation, default)). One table feeds run, extract, sweep, serve, classify and
+    reduce, so their flags and --help cannot drift apart."""
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    params = [inspect.Parameter(name, keyword, annotation=kind, default=None)
+              for name, kind in settings.items()]
+    params += [inspect.Parameter(name, keyword, annotation=kind, default=default)
+               for name, (kind, default) in extra.items()]
+
+    def declare(command: Callable) -> Callable:
+        command.__signature__ = inspect.Signature(params)
+        return command
+
+    return declare
 
 
 def _fail(message: str, code: int) -> None:
@@ -81,6 +118,10 @@ def _guarded(action: Callable[[], None]) -> None:
         _fail(str(error), 2)
     except FileNotFoundError as error:
         _fail(str(error), 2)
+    except OSError as error:
+        if not is_disk_full(error):
+            raise
+        _fail(disk_full_message(error), 2)
 
 
 def _run_dir(runs: Path | None, run_id: str) -> Path:
@@ -131,16 +172,9 @@ def _print_sweep(summary: dict) -> None:
 def _pipeline_command(flow_name: str) -> Callable:
     """Build the `run`/`extract` command: same flags, different flow."""
 
-    def command(data: Data = None, store: Store = None, runs: Runs = None,
-                backbone: Backbone = None, layers: Layers = None, weights: Weights = None,
-                image_size: ImageSize = None, pooling: Pooling = None, dtype: Dtype = None,
-                batch_size: BatchSize = None, classifiers: Classifiers = None,
-                limit_per_class: Limit = None, variance: Variance = None,
-                pca_method: PcaMethod = None, split: Split = None, test_size: TestSize = None,
-                group_regex: GroupRegex = None, seed: Seed = None,
-                dask_address: DaskAddress = None, workers: Workers = None,
-                config: Config = None, json_out: JsonOut = False) -> None:
-        flags = {k: v for k, v in locals().items() if k not in ("json_out", "flow_name")}
+    @_options(PIPELINE_OPTIONS, json_out=(JsonOut, False))
+    def command(**flags: Any) -> None:
+        json_out = flags.pop("json_out")
 
         def body() -> None:
             settings = _settings(**flags)
@@ -174,13 +208,10 @@ app.command("sweep", help="Extract several layers in one backbone pass, reduce a
 
 @app.command(help="Re-run only scaling/PCA and the classifiers on stored features: never "
                   "touches images or builds the backbone.")
-def classify(features: Features, store: Store = None, runs: Runs = None,
-             classifiers: Classifiers = None, variance: Variance = None,
-             pca_method: PcaMethod = None, split: Split = None, test_size: TestSize = None,
-             group_regex: GroupRegex = None, seed: Seed = None,
-             dask_address: DaskAddress = None, workers: Workers = None,
-             config: Config = None, json_out: JsonOut = False) -> None:
-    flags = {k: v for k, v in locals().items() if k not in ("json_out", "features")}
+@_options(CLASSIFY_OPTIONS, features=(Features, inspect.Parameter.empty),
+          json_out=(JsonOut, False))
+def classify(**flags: Any) -> None:
+    features, json_out = flags.pop("features"), flags.pop("json_out")
 
     def body() -> None:
         from flows.pipeline import classify_flow
@@ -192,12 +223,10 @@ def classify(features: Features, store: Store = None, runs: Runs = None,
 
 
 @app.command(help="Fit scaling + PCA on stored features (train rows only) and cache it.")
-def reduce(features: Features, store: Store = None, variance: Variance = None,
-           pca_method: PcaMethod = None, split: Split = None, test_size: TestSize = None,
-           group_regex: GroupRegex = None, seed: Seed = None,
-           dask_address: DaskAddress = None, workers: Workers = None,
-           config: Config = None, json_out: JsonOut = False) -> None:
-    flags = {k: v for k, v in locals().items() if k not in ("json_out", "features")}
+@_options(REDUCE_OPTIONS, features=(Features, inspect.Parameter.empty),
+          json_out=(JsonOut, False))
+def reduce(**flags: Any) -> None:
+    features, json_out = flags.pop("features"), flags.pop("json_out")
 
     def body() -> None:
         from flows.pipeline import reduce_flow
@@ -220,7 +249,7 @@ def predict(run: Annotated[str, typer.Option(help="Run id (see `featurepipe runs
                                                     "sub-folders whose names are kept).")],
             out: Annotated[Path, typer.Option(help="CSV to write.")] = Path("predictions.csv"),
             classifier: Annotated[str | None, typer.Option(help="Classifier of the run "
-                                                                "[its best].")] = None,
+                                                                "(default: its best).")] = None,
             store: Store = None, runs: Runs = None, json_out: JsonOut = False) -> None:
     def body() -> None:
         from flows.pipeline import predict_flow
@@ -246,21 +275,22 @@ def finetune(data: Data = None, runs: Runs = None,
              limit_per_class: Limit = None, split: Split = None, test_size: TestSize = None,
              group_regex: GroupRegex = None, backbone: Backbone = None, weights: Weights = None,
              image_size: ImageSize = None,
-             head: Annotated[str | None, typer.Option(help="Dense widths [512,64].")] = None,
+             head: Annotated[str | None, typer.Option(
+                 help="Dense widths (default 512,64).")] = None,
              dropout: Float = None,
              batch_norm: Annotated[bool | None, typer.Option(
                  "--batch-norm/--no-batch-norm", help="BatchNorm after pooling.")] = None,
              optimizer: Annotated[str | None, typer.Option(
-                 help="adam, adamw, nadam, rmsprop, sgd [adam].")] = None,
+                 help="adam, adamw, nadam, rmsprop, sgd (default adam).")] = None,
              phase1_epochs: Int = None, phase1_learning_rate: Float = None,
              phase2_epochs: Int = None, phase2_learning_rate: Float = None,
              unfreeze_last: Annotated[int | None, typer.Option(
-                 help="Base layers trained in phase 2 [4].")] = None,
+                 help="Base layers trained in phase 2 (default 4).")] = None,
              unfreeze_from: Annotated[str | None, typer.Option(
                  help="Or: train every layer from this one.")] = None,
              batch_size: BatchSize = None,
              patience: Annotated[int | None, typer.Option(
-                 help="Early-stopping patience per phase [5].")] = None,
+                 help="Early-stopping patience per phase (default 5).")] = None,
              validation_fraction: Float = None,
              flip: Annotated[str | None, typer.Option(
                  help="none, horizontal, vertical, horizontal_and_vertical.")] = None,
@@ -298,21 +328,11 @@ def demo(store: Store = None, runs: Runs = None, json_out: JsonOut = False) -> N
     _guarded(body)
 
 
-Cron = Annotated[str, typer.Option(help="When the pipeline runs: cron, UTC [0 2 * * *].")]
-
-
 @app.command(help="Serve the pipeline on a cron schedule and the classify flow on demand from "
                   "this process (no work pool or worker); Ctrl-C stops and pauses them.")
-def serve(data: Data = None, cron: Cron = "0 2 * * *", store: Store = None, runs: Runs = None,
-          backbone: Backbone = None, layers: Layers = None, weights: Weights = None,
-          image_size: ImageSize = None, pooling: Pooling = None, dtype: Dtype = None,
-          batch_size: BatchSize = None, classifiers: Classifiers = None,
-          limit_per_class: Limit = None, variance: Variance = None,
-          pca_method: PcaMethod = None, split: Split = None, test_size: TestSize = None,
-          group_regex: GroupRegex = None, seed: Seed = None,
-          dask_address: DaskAddress = None, workers: Workers = None,
-          config: Config = None) -> None:
-    flags = {k: v for k, v in locals().items() if k != "cron"}
+@_options(PIPELINE_OPTIONS, cron=(Cron, "0 2 * * *"))
+def serve(**flags: Any) -> None:
+    cron = flags.pop("cron")
 
     def body() -> None:
         from flows.serve import serve_settings
@@ -497,11 +517,12 @@ def backbones_check(name: str, weights: Weights = None, json_out: JsonOut = Fals
 
 
 class _NoUserErrorTraceback(logging.Filter):
-    """Prefect logs every failed run with its traceback; for a user mistake the one-line
-    message is the whole story, so drop the traceback (bugs keep theirs)."""
+    """Prefect logs every failed run with its traceback; for a user mistake or a full disk the
+    one-line message is the whole story, so drop the traceback (bugs keep theirs)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], UserError):
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, UserError) or is_disk_full(error):
             record.exc_info, record.exc_text = None, None
         return True
 

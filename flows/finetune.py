@@ -23,10 +23,10 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BeforeValidator, ConfigDict, Field
 
 from flows.pipeline import scan_task
-from flows.settings import SettingsError
+from flows.settings import BackboneChoice, SettingsError
 from tasks.dataset import Manifest
 from tasks.finetune import (
     FLIP_MODES,
@@ -47,7 +47,7 @@ def _widths(value: Any) -> Any:
     return value
 
 
-class FinetuneFlowSettings(BaseModel):
+class FinetuneFlowSettings(BackboneChoice):
     """Every knob of a fine-tuning run; the FinetuneSettings fields keep their names."""
 
     model_config = ConfigDict(extra="forbid")

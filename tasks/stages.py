@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from tasks.dataset import Manifest
+from tasks.errors import UserError
 from tasks.splits import rows_key
 from tasks.store import FeatureStore, StoreError
 
@@ -35,19 +36,39 @@ class ReduceOutcome:
     explained_variance: float
 
 
-def reduce_key(feature_key: str, train_rows: np.ndarray, method: str, variance: float) -> str:
+@dataclass(frozen=True)
+class PcaSettings:
+    """How to reduce: the PCA method and where to cut, a variance target or a fixed count."""
+
+    method: str = "gram"
+    variance: float = 0.8
+    components: int | None = None  # when set, the variance target is ignored
+
+    @property
+    def target(self) -> float | None:
+        """The variance target the cut aims at; None when the count is fixed."""
+        return self.variance if self.components is None else None
+
+    def identity(self) -> dict:
+        """The part of a reduction's key these settings decide (as before `components`
+        existed when it is unset, so earlier reductions stay valid)."""
+        cut = {"variance": self.variance} if self.components is None else {
+            "components": self.components}
+        return {"method": self.method, **cut}
+
+
+def reduce_key(feature_key: str, train_rows: np.ndarray, pca: PcaSettings) -> str:
     """Content key of a reduction: features + train rows + scaling/PCA settings."""
     identity = {"feature_key": feature_key, "train_rows": rows_key(train_rows),
-                "scaling": "minmax", "method": method, "variance": variance,
-                "version": REDUCE_VERSION}
+                "scaling": "minmax", **pca.identity(), "version": REDUCE_VERSION}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
 
 
 def cached_reduction(store: FeatureStore, feature_key: str, train_rows: np.ndarray,
-                     method: str = "gram", variance: float = 0.8) -> ReduceOutcome | None:
+                     pca: PcaSettings = PcaSettings()) -> ReduceOutcome | None:
     """The stored reduction for these settings, if any (cheap: no Dask cluster needed)."""
     began = time.perf_counter()
-    key = reduce_key(feature_key, train_rows, method, variance)
+    key = reduce_key(feature_key, train_rows, pca)
     attrs = store.reduction_attrs(key)
     if attrs is None:
         return None
@@ -55,8 +76,17 @@ def cached_reduction(store: FeatureStore, feature_key: str, train_rows: np.ndarr
                          time.perf_counter() - began, attrs["explained_variance"])
 
 
+def _check_components(pca: PcaSettings, n_train: int, n_features: int) -> None:
+    """PCA of n centred rows has at most n - 1 components (and no more than features)."""
+    limit = min(n_train - 1, n_features)
+    if pca.components is not None and pca.components > limit:
+        raise UserError(f"--components {pca.components} is more than PCA can give here: at most "
+                        f"{limit} ({n_train} training images - 1, {n_features} features); "
+                        "ask for fewer, or use --variance")
+
+
 def reduce_cached(store: FeatureStore, feature_key: str, train_rows: np.ndarray,
-                  method: str = "gram", variance: float = 0.8) -> ReduceOutcome:
+                  pca: PcaSettings = PcaSettings()) -> ReduceOutcome:
     """Fit min-max + PCA on the train rows only, project every row, and store both.
 
     Runs on whatever Dask scheduler is active (a distributed client if one is open).
@@ -64,40 +94,43 @@ def reduce_cached(store: FeatureStore, feature_key: str, train_rows: np.ndarray,
     from tasks.reduce import ScaledPCA
 
     began = time.perf_counter()
-    cached = cached_reduction(store, feature_key, train_rows, method, variance)
+    cached = cached_reduction(store, feature_key, train_rows, pca)
     if cached is not None:
         return cached
-    key = reduce_key(feature_key, train_rows, method, variance)
+    key = reduce_key(feature_key, train_rows, pca)
     features = store.feature_array(feature_key)
     if features is None or not features.complete:
         raise StoreError(f"features {feature_key} are missing or incomplete: run extract first")
+    _check_components(pca, len(train_rows), features.data.shape[1])
     data = features.as_dask()
-    base = _incremental_base(store, feature_key, train_rows, variance) \
-        if method == "incremental" else None
+    base = _incremental_base(store, feature_key, train_rows, pca) \
+        if pca.method == "incremental" else None
     lineage = {}
     if base is None:
-        pca = ScaledPCA(variance=variance, method=method).fit(data[np.sort(train_rows)])
+        fitted = ScaledPCA(variance=pca.variance, n_components=pca.components,
+                           method=pca.method).fit(data[np.sort(train_rows)])
     else:  # a grown dataset: update the earlier fit with the new training rows only
         base_key, new_rows = base
-        pca = load_pca(store, base_key)
+        fitted = load_pca(store, base_key)
         if new_rows:
-            pca.partial_fit(data[np.asarray(new_rows)])
+            fitted.partial_fit(data[np.asarray(new_rows)])
         lineage = {"updated_from": base_key, "rows_added": len(new_rows)}
-    projected = np.asarray(pca.transform(data).compute(), dtype=np.float32)
-    state, state_attrs = pca.to_state()
-    explained = float(np.sum(pca.explained_variance_ratio_))
-    attrs = {"feature_key": feature_key, "method": pca.method_,
-             "n_components": int(pca.n_components_), "variance": variance,
+    projected = np.asarray(fitted.transform(data).compute(), dtype=np.float32)
+    state, state_attrs = fitted.to_state()
+    explained = float(np.sum(fitted.explained_variance_ratio_))
+    attrs = {"feature_key": feature_key, "method": fitted.method_,
+             "n_components": int(fitted.n_components_),
+             "variance": pca.target, "components": pca.components,
              "explained_variance": explained, "train_rows": np.sort(train_rows).tolist(),
              "pca": state_attrs, "seconds": time.perf_counter() - began, **lineage}
     store.save_reduction(key, {"projected": projected,
                                **{f"pca_{name}": value for name, value in state.items()}}, attrs)
-    return ReduceOutcome(key, feature_key, int(pca.n_components_), pca.method_, False,
+    return ReduceOutcome(key, feature_key, int(fitted.n_components_), fitted.method_, False,
                          time.perf_counter() - began, explained)
 
 
 def _incremental_base(store: FeatureStore, feature_key: str, train_rows: np.ndarray,
-                      variance: float) -> tuple[str, list[int]] | None:
+                      pca: PcaSettings) -> tuple[str, list[int]] | None:
     """An incremental reduction of an earlier version of this dataset (same extraction
     settings, another manifest) whose training images are all among ours: its key and the
     training rows it has not seen. The closest one (fewest new rows) wins."""
@@ -108,8 +141,9 @@ def _incremental_base(store: FeatureStore, feature_key: str, train_rows: np.ndar
     our_train = Counter(ours.records[r].sha256 for r in train_rows)
     best: tuple[int, str, list[int]] | None = None
     for key, attrs in store.reductions():
-        if (attrs.get("method") != "incremental" or attrs.get("variance") != variance
-                or not attrs.get("complete") or attrs.get("feature_key") == feature_key):
+        if (attrs.get("method") != "incremental" or attrs.get("variance") != pca.target
+                or attrs.get("components") != pca.components or not attrs.get("complete")
+                or attrs.get("feature_key") == feature_key):
             continue
         sibling = store.feature_array(attrs["feature_key"])
         if sibling is None or not same_settings(sibling.attrs, our_settings):

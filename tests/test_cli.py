@@ -58,11 +58,15 @@ def test_classify_only_and_store_commands(first_and_second_run) -> None:
     work, (first, _) = first_and_second_run
     key = first["layers"]["block3_pool"]["feature_key"]
     classify = featurepipe("classify", "--features", key[:8], "--store", str(work / "store"),
-                           "--runs", str(work / "runs"), "--classifiers", "knn", "--json",
-                           cwd=work)
+                           "--runs", str(work / "runs"), "--classifiers", "knn",
+                           "--components", "5", "--json", cwd=work)
     assert classify.returncode == 0, classify.stderr[-3000:]
     summary = json.loads(classify.stdout)
-    assert list(summary["accuracy"]) == ["knn"]
+    assert list(summary["accuracy"]) == ["knn"] and summary["n_components"] == 5
+    too_many = featurepipe("classify", "--features", key[:8], "--store", str(work / "store"),
+                           "--runs", str(work / "runs"), "--components", "10000", cwd=work)
+    assert too_many.returncode == 2 and "Traceback" not in too_many.stderr
+    assert "--components 10000 is more than PCA can give here: at most 111" in too_many.stderr
 
     listing = featurepipe("store", "ls", "--store", str(work / "store"), "--json", cwd=work)
     rows = json.loads(listing.stdout)["arrays"]

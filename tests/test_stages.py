@@ -1,15 +1,18 @@
-"""Reduce stage over a real store: a grown dataset updates an incremental PCA fit."""
+"""Reduce stage over a real store: fixed component counts, and a grown dataset updates an
+incremental PCA fit."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from tasks.dataset import scan
+from tasks.errors import UserError
 from tasks.extract import ExtractSettings, extract
 from tasks.splits import split_rows
-from tasks.stages import reduce_cached
+from tasks.stages import PcaSettings, reduce_cached
 from tasks.store import FeatureStore
 from tests.conftest import write_image
 
@@ -25,11 +28,27 @@ def _tree(root: Path, per_class: int, start: int = 0) -> None:
             write_image(root / "test" / label / f"t{i}.png", seed=900 + i + tint, tint=tint)
 
 
-def _reduce(root: Path, store: FeatureStore):
+INCREMENTAL = PcaSettings("incremental", 0.9)
+
+
+def _reduce(root: Path, store: FeatureStore, pca: PcaSettings = INCREMENTAL):
     manifest = scan(root)
     key = extract(manifest, store, SETTINGS).feature_keys["block2_pool"]
     train, _ = split_rows(manifest, "folder")
-    return reduce_cached(store, key, train, method="incremental", variance=0.9)
+    return reduce_cached(store, key, train, pca)
+
+
+def test_fixed_component_count_and_too_many_components(tmp_path: Path) -> None:
+    data, store = tmp_path / "images", FeatureStore(str(tmp_path / "store"))
+    _tree(data, per_class=6)  # 12 training rows: PCA gives at most 11 components
+    by_variance = _reduce(data, store, PcaSettings("gram", 0.9))
+    fixed = _reduce(data, store, PcaSettings("gram", 0.9, components=11))
+    assert fixed.n_components == 11 and fixed.key != by_variance.key
+    assert store.load_reduction(fixed.key)[0]["projected"].shape == (20, 11)
+    assert dict(store.reductions())[fixed.key]["variance"] is None  # the count decided the cut
+    with pytest.raises(UserError, match=r"--components 12 is more than PCA can give here: "
+                                        r"at most 11 \(12 training images - 1, 128 features\)"):
+        _reduce(data, store, PcaSettings("gram", 0.9, components=12))
 
 
 def test_grown_dataset_updates_the_incremental_fit(tmp_path: Path) -> None:
