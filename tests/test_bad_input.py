@@ -278,15 +278,35 @@ def test_pipes_and_devices_are_skipped_without_reading(image_tree: Path) -> None
     assert "not a regular file" in check_image(image_tree / "cats" / "pipe.jpg")
 
 
+SKIPPED_REASONS = """
+import json, sys
+from tasks.dataset import scan
+print(json.dumps({s.path: s.reason for s in scan(sys.argv[1]).skipped}))
+"""
+
+
+def _scan_without_root(root: Path) -> dict[str, str]:
+    """Skipped files and reasons from a scan run as a user that permissions apply to: root
+    reads everything, so as root the scan runs in a user namespace without its privileges."""
+    prefix = []
+    if os.geteuid() == 0:
+        if shutil.which("unshare") is None or subprocess.run(
+                ["unshare", "--user", "true"], capture_output=True).returncode != 0:
+            pytest.skip("as root, needs `unshare --user` to drop the permission override")
+        prefix = ["unshare", "--user"]
+    done = subprocess.run([*prefix, sys.executable, "-c", SKIPPED_REASONS, str(root)],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout)
+
+
 def test_unreadable_file_and_folder(image_tree: Path) -> None:
     locked_file, locked_folder = image_tree / "cats" / "img_00.png", image_tree / "dogs" / "locked"
     locked_folder.mkdir()
     locked_file.chmod(0)
     locked_folder.chmod(0)
     try:
-        if os.access(locked_file, os.R_OK):
-            pytest.skip("this user (root) reads files whatever their permissions")
-        reasons = {s.path: s.reason for s in scan(image_tree).skipped}
+        reasons = _scan_without_root(image_tree)
     finally:
         locked_folder.chmod(0o755)
     assert reasons["cats/img_00.png"] == "cannot read: permission denied"
@@ -353,16 +373,21 @@ def test_tiny_classes_are_named_in_a_warning(image_tree: Path) -> None:
     assert "'birds' (2)" in warning and "cats" not in warning
 
 
+def _split_tree(root: Path, per_class: int, test_dogs: str = "dogs") -> None:
+    """train/ and test/ trees of cats and dogs, every image distinct."""
+    for i in range(per_class):
+        write_image(root / "train" / "cats" / f"{i}.png", seed=i)
+        write_image(root / "train" / "dogs" / f"{i}.png", seed=10 + i)
+        write_image(root / "test" / "cats" / f"t{i}.png", seed=20 + i)
+        write_image(root / "test" / test_dogs / f"t{i}.png", seed=30 + i)
+
+
 def test_class_only_in_test_is_skipped_and_untested_class_warned(tmp_path: Path) -> None:
-    for i in range(3):
-        write_image(tmp_path / "train" / "cats" / f"{i}.png", seed=i)
-        write_image(tmp_path / "train" / "dogs" / f"{i}.png", seed=10 + i)
-        write_image(tmp_path / "test" / "cats" / f"{i}.png", seed=20 + i)
-        write_image(tmp_path / "test" / "Dogs" / f"{i}.png", seed=30 + i)
+    _split_tree(tmp_path, per_class=3, test_dogs="Dogs")
     manifest = scan(tmp_path)
     assert manifest.class_names == ["cats", "dogs"]
     reasons = {s.path: s.reason for s in manifest.skipped}
-    assert reasons["test/Dogs/0.png"] == \
+    assert reasons["test/Dogs/t0.png"] == \
         "class 'Dogs' has no training images (not in train/ or valid/); did you mean 'dogs'?"
     assert any("without test images: 'dogs'" in w for w in manifest.warnings)
 
@@ -375,11 +400,7 @@ def test_split_folders_beside_class_folders_warn(image_tree: Path) -> None:
 
 
 def test_duplicates_across_classes_and_splits_are_reported(tmp_path: Path) -> None:
-    for i in range(4):
-        write_image(tmp_path / "train" / "cats" / f"{i}.png", seed=i)
-        write_image(tmp_path / "train" / "dogs" / f"{i}.png", seed=10 + i)
-        write_image(tmp_path / "test" / "cats" / f"t{i}.png", seed=20 + i)
-        write_image(tmp_path / "test" / "dogs" / f"t{i}.png", seed=30 + i)
+    _split_tree(tmp_path, per_class=4)
     shutil.copy(tmp_path / "train" / "cats" / "0.png", tmp_path / "train" / "dogs" / "copy.png")
     shutil.copy(tmp_path / "train" / "cats" / "1.png", tmp_path / "test" / "cats" / "leak.png")
     manifest = scan(tmp_path)
