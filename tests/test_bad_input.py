@@ -22,6 +22,7 @@ from PIL import Image, features
 
 from tasks.dataset import DatasetError, Duplicate, Manifest, scan
 from tasks.images import MAX_PIXELS, ImageError, check_image, load_rgb, to_rgb
+from tasks.store import FeatureStore, StoreError
 from tests.conftest import write_image
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
@@ -283,21 +284,29 @@ import json, sys
 from tasks.dataset import scan
 print(json.dumps({s.path: s.reason for s in scan(sys.argv[1]).skipped}))
 """
+OPEN_STORE = """
+import sys
+from tasks.store import FeatureStore, StoreError
+try:
+    FeatureStore(sys.argv[1])
+except StoreError as error:
+    print(error)
+"""
 
 
-def _scan_without_root(root: Path) -> dict[str, str]:
-    """Skipped files and reasons from a scan run as a user that permissions apply to: root
-    reads everything, so as root the scan runs in a user namespace without its privileges."""
+def _without_root(script: str, *args: str) -> str:
+    """Run `script` as a user that file permissions apply to and return its output: root reads
+    and writes everything, so as root it runs in a user namespace without those privileges."""
     prefix = []
     if os.geteuid() == 0:
         if shutil.which("unshare") is None or subprocess.run(
                 ["unshare", "--user", "true"], capture_output=True).returncode != 0:
             pytest.skip("as root, needs `unshare --user` to drop the permission override")
         prefix = ["unshare", "--user"]
-    done = subprocess.run([*prefix, sys.executable, "-c", SKIPPED_REASONS, str(root)],
+    done = subprocess.run([*prefix, sys.executable, "-c", script, *args],
                           capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout)
+    return done.stdout
 
 
 def test_unreadable_file_and_folder(image_tree: Path) -> None:
@@ -306,11 +315,22 @@ def test_unreadable_file_and_folder(image_tree: Path) -> None:
     locked_file.chmod(0)
     locked_folder.chmod(0)
     try:
-        reasons = _scan_without_root(image_tree)
+        reasons = json.loads(_without_root(SKIPPED_REASONS, str(image_tree)))
     finally:
         locked_folder.chmod(0o755)
     assert reasons["cats/img_00.png"] == "cannot read: permission denied"
     assert reasons["dogs/locked"] == "cannot read: permission denied (folder not scanned)"
+
+
+def test_store_that_cannot_be_written_is_named(tmp_path: Path) -> None:
+    read_only = tmp_path / "read-only"
+    read_only.mkdir(mode=0o555)
+    message = _without_root(OPEN_STORE, str(read_only / "store")).strip()
+    assert message == (f"cannot open feature store {read_only / 'store'}: [Errno 13] "
+                       f"Permission denied: '{read_only / 'store'}'")
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(StoreError, match="cannot open feature store .*Not a directory"):
+        FeatureStore(str(tmp_path / "a-file" / "store"))
 
 
 def test_hidden_entries_archive_junk_and_nesting(image_tree: Path) -> None:
