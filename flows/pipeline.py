@@ -23,6 +23,7 @@ from flows.settings import PipelineSettings
 from tasks.dataset import Manifest, scan
 from tasks.errors import UserError, is_disk_full
 from tasks.extract import ExtractResult, extract
+from tasks.redact import redact
 from tasks.splits import split_rows
 from tasks.stages import ReduceOutcome, cached_reduction, classify_run, reduce_cached
 from tasks.store import FeatureStore
@@ -160,7 +161,7 @@ def _summary(settings: PipelineSettings, manifest: Manifest, layers: dict[str, d
             "images_computed": extracted.images_computed if extracted else 0,
             "images_cached": extracted.images_cached if extracted else total,
             "images_skipped": len(manifest.skipped),
-            "skipped": [asdict(s) for s in manifest.skipped], "store": settings.store,
+            "skipped": [asdict(s) for s in manifest.skipped], "store": redact(settings.store),
             "manifest_key": manifest.key, "class_names": manifest.class_names,
             "warnings": manifest.warnings, "run_id": first["run_id"], "run_dir": first["run_dir"],
             "n_components": first["n_components"], "accuracy": first["accuracy"],
@@ -174,7 +175,7 @@ def extract_flow(settings: PipelineSettings) -> dict:
     """Scan the image folder and fill the feature store (one backbone pass for all layers)."""
     manifest = scan_task(settings.data, settings.limit_per_class)
     extracted = extract_task(manifest, settings)
-    return {**asdict(extracted), "store": settings.store, "manifest_key": manifest.key,
+    return {**asdict(extracted), "store": redact(settings.store), "manifest_key": manifest.key,
             "images_skipped": len(manifest.skipped),
             "skipped": [asdict(s) for s in manifest.skipped], "flow_run_id": str(flow_run.id)}
 

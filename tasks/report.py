@@ -25,6 +25,7 @@ import numpy as np
 from tasks.classify import ClassifierResult
 from tasks.errors import UserError
 from tasks.plots import confusion_png, learning_curves_png
+from tasks.redact import redact
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -159,7 +160,8 @@ def write_run(
 ) -> dict:
     """Write a complete run folder and return the report dict (plain JSON types).
 
-    The folder name is the run id; an existing report is never overwritten.
+    The folder name is the run id; an existing report is never overwritten; credentials in the
+    settings are masked.
     """
     run_dir = Path(run_dir)
     y_test = np.asarray(y_test)
@@ -180,7 +182,7 @@ def write_run(
         {
             "run_id": run_dir.name,
             "created": datetime.now(UTC).isoformat(timespec="milliseconds"),
-            "settings": settings,
+            "settings": redact(settings),
             "keys": keys,
             "class_names": class_names,
             "n_test": len(y_test),

@@ -61,11 +61,12 @@ def results(split) -> list:
     ]
 
 
-def _write(root: Path, results: list, split: dict, **kwargs) -> tuple[Path, dict]:
+def _write(root: Path, results: list, split: dict, settings: dict = SETTINGS,
+           **kwargs) -> tuple[Path, dict]:
     run_dir = root / new_run_id()
     report = write_run(
         run_dir,
-        settings=SETTINGS,
+        settings=settings,
         keys={"feature_key": "f" * 16, "reduce_key": "r" * 16},
         results=results,
         class_names=CLASS_NAMES,
@@ -203,6 +204,18 @@ def test_write_run_never_overwrites(tmp_path, results, split) -> None:
             test_files=split["test_files"],
             y_test=split["y_test"],
         )
+
+
+def test_no_credentials_in_run_files(tmp_path, results, split) -> None:
+    settings = {**SETTINGS, "store": "s3://AKIAKEY:hunter2@bucket/store?region=eu&token=tok42",
+                "classifier_options": {"svm": {"api_key": "key42", "C": [1]}}}
+    run_dir, report = _write(tmp_path, results[1:2], split, settings=settings)
+    written = b"".join(path.read_bytes() for path in run_dir.rglob("*") if path.is_file())
+    for secret in (b"hunter2", b"tok42", b"key42"):
+        assert secret not in written
+    assert report["settings"]["store"] == "s3://AKIAKEY:***@bucket/store?region=eu&token=***"
+    assert report["settings"]["classifier_options"] == {"svm": {"api_key": "***", "C": [1]}}
+    assert report["settings"]["dataset"] == "digits"
 
 
 def test_list_runs_newest_first(tmp_path, results, split) -> None:
