@@ -122,6 +122,9 @@ def _guarded(action: Callable[[], None]) -> None:
         if not is_disk_full(error):
             raise
         _fail(disk_full_message(error), 2)
+    except KeyboardInterrupt:
+        _fail("interrupted. Everything finished before it is kept (feature chunks marked done, "
+              "reductions, runs with a report.json): run the same command again to resume.", 130)
 
 
 def _run_dir(runs: Path | None, run_id: str) -> Path:
