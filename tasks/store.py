@@ -238,13 +238,14 @@ class FeatureStore:
     # reductions
     def save_reduction(self, key: str, arrays: dict[str, Any], attrs: dict[str, Any]) -> None:
         """Store projected rows and fitted state; `complete` is set last so a crash is visible."""
-        group = self._subgroup("reduced").require_group(key)
-        group.attrs.put({**attrs, "key": key, "complete": False})
-        for name, values in arrays.items():
-            values = np.asarray(values)
-            group.create_array(name, data=values, compressors=_compressor(), overwrite=True,
-                               config={"write_empty_chunks": True})
-        group.attrs.update({"complete": True, "created": time.time()})
+        with self.locked([key]):  # `gc` must not delete it half-written
+            group = self._subgroup("reduced").require_group(key)
+            group.attrs.put({**attrs, "key": key, "complete": False})
+            for name, values in arrays.items():
+                values = np.asarray(values)
+                group.create_array(name, data=values, compressors=_compressor(), overwrite=True,
+                                   config={"write_empty_chunks": True})
+            group.attrs.update({"complete": True, "created": time.time()})
 
     def reduction_attrs(self, key: str) -> dict[str, Any] | None:
         """Attributes of a complete reduction (no array is read), or None."""
@@ -272,15 +273,17 @@ class FeatureStore:
             yield key, self.root[f"reduced/{key}"].attrs.asdict()
 
     @contextlib.contextmanager
-    def locked(self, keys: list[str], on_wait: Callable[[], None] | None = None) -> Iterator[None]:
-        """Hold an exclusive lock per feature key while computing it (local stores only).
+    def locked(self, keys: list[str], on_wait: Callable[[], None] | None = None,
+               wait: bool = True) -> Iterator[bool]:
+        """Hold an exclusive lock per key while computing or writing it (local stores only).
 
         A second process extracting the same features waits here, then finds them complete:
         no corruption and no duplicated work. The kernel drops flock locks when a process
-        dies (kill -9 included), so a crash never leaves a stale lock behind.
+        dies (kill -9 included), so a crash never leaves a stale lock behind. With
+        wait=False a busy key is not waited for: the context yields False instead of True.
         """
         if "://" in self.location:  # object stores have no flock; one writer per chunk holds
-            yield
+            yield True
             return
         folder = Path(self.location).expanduser() / ".locks"
         folder.mkdir(parents=True, exist_ok=True)
@@ -290,10 +293,13 @@ class FeatureStore:
                 try:
                     fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
+                    if not wait:
+                        yield False
+                        return
                     if on_wait:
                         on_wait()
                     fcntl.flock(handle, fcntl.LOCK_EX)
-            yield
+            yield True
 
     # maintenance
     def find(self, prefix: str) -> tuple[str, str]:
@@ -313,13 +319,17 @@ class FeatureStore:
         return f"{kind}/{key}"
 
     def gc(self) -> list[str]:
-        """Remove reductions whose features are gone and manifests no array refers to."""
+        """Remove reductions whose features are gone or that a crash left incomplete, and
+        manifests no array refers to. A reduction another process is writing is left alone."""
         removed = []
         feature_keys = {a.key for a in self.feature_arrays()}
         for key, attrs in list(self.reductions()):
-            if attrs.get("feature_key") not in feature_keys or not attrs.get("complete"):
-                del self.root["reduced"][key]
-                removed.append(f"reduced/{key}")
+            if attrs.get("feature_key") in feature_keys and attrs.get("complete"):
+                continue
+            with self.locked([key], wait=False) as free:
+                if free:
+                    del self.root["reduced"][key]
+                    removed.append(f"reduced/{key}")
         used = {a.attrs.get("manifest_key") for a in self.feature_arrays()}
         if "manifests" in self.root:
             for key in list(self.root["manifests"].group_keys()):
