@@ -533,7 +533,8 @@ class _NoUserErrorTraceback(logging.Filter):
 def main() -> None:
     """Console-script entry point."""
     # Dask's scheduler and nanny narrate every connection at INFO; keep only problems.
-    for name in ("distributed", "distributed.scheduler", "distributed.nanny", "distributed.core"):
+    for name in ("distributed", "distributed.scheduler", "distributed.nanny", "distributed.core",
+                 "distributed.http.proxy"):
         logging.getLogger(name).setLevel(logging.WARNING)
     for name in ("prefect.task_runs", "prefect.flow_runs", "prefect.engine"):
         logging.getLogger(name).addFilter(_NoUserErrorTraceback())
