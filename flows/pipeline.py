@@ -7,6 +7,7 @@ Thin wiring only: each task calls one plain function from tasks/, and the store'
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import asdict
 from pathlib import Path
 
@@ -35,6 +36,10 @@ def transient_io_failure(task: Task, task_run: TaskRun, state: State) -> bool:
     error = state.result(raise_on_failure=False)
     return isinstance(error, OSError) and not is_disk_full(error)
 
+
+# Our progress lines (e.g. long PCA passes) are INFO; Prefect hands the "featurepipe" logger its
+# API handler (PREFECT_LOGGING_EXTRA_LOGGERS) but not a level, and the root's WARNING hid them.
+logging.getLogger("featurepipe").setLevel(logging.INFO)
 
 # Backoff between attempts; extraction resumes from its finished chunks on every retry.
 IO_RETRIES = {"retries": 2, "retry_delay_seconds": [10, 60],

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dask.array as da
+import numpy as np
 import pytest
 from prefect import flow, task
 
 from flows.pipeline import IO_RETRIES
+from tasks import reduce
 from tasks.errors import UserError
 
 FAST_RETRIES = {**IO_RETRIES, "retry_delay_seconds": [0, 0]}  # same policy, no waiting
@@ -47,3 +50,16 @@ def test_io_errors_give_up_after_two_retries() -> None:
 
 def _time_out() -> None:
     raise TimeoutError("object store did not answer")
+
+
+def test_pca_progress_lines_reach_the_run_log(caplog: pytest.LogCaptureFixture,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(reduce, "PROGRESS_SECONDS", 0.0)  # a line per block instead of per 10 s
+    rows = da.from_array(np.random.default_rng(0).random((64, 16)), chunks=(8, 16))
+
+    @flow
+    def fit() -> None:
+        task(lambda: reduce.ScaledPCA(variance=0.9).fit(rows))()
+
+    fit()
+    assert "PCA pass: rows" in caplog.text
