@@ -1,10 +1,12 @@
-"""Progress for long extractions: a rich bar on stderr and a Prefect progress artifact.
+"""Progress for long extractions: a rich bar on a terminal, a log line every half minute
+otherwise (nohup, CI, a worker's log), and a Prefect progress artifact.
 
-Both are throttled so that reporting never slows the backbone down.
+All are throttled so that reporting never slows the backbone down.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 
@@ -19,15 +21,20 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+logger = logging.getLogger("featurepipe.extract")
+
 
 class ExtractProgress:
     """Callable progress sink: `progress(done, total)` in images."""
 
-    def __init__(self, description: str, min_interval: float = 2.0) -> None:
+    def __init__(self, description: str, min_interval: float = 2.0,
+                 log_interval: float = 30.0) -> None:
         self.description = description
         self.min_interval = min_interval
+        self.log_interval = log_interval
         self.began = time.perf_counter()
         self.last_artifact = 0.0
+        self.last_log = self.began
         self.artifact_id = None
         self.bar: Progress | None = None
         self.task_id = None
@@ -45,10 +52,15 @@ class ExtractProgress:
         return self
 
     def __call__(self, done: int, total: int) -> None:
-        rate = done / max(time.perf_counter() - self.began, 1e-9)
-        if self.bar is not None:
-            self.bar.update(self.task_id, completed=done, total=total, rate=f"{rate:.1f} img/s")
         now = time.perf_counter()
+        rate = done / max(now - self.began, 1e-9)
+        if self.bar is not None and not self.bar.disable:
+            self.bar.update(self.task_id, completed=done, total=total, rate=f"{rate:.1f} img/s")
+        elif now - self.last_log >= self.log_interval or done == total:
+            left = (total - done) / rate if rate else 0.0
+            logger.info("%s: %d/%d images, %.1f images/s, about %.0f min left",
+                        self.description, done, total, rate, left / 60)
+            self.last_log = now
         if self.artifact_id and (now - self.last_artifact >= self.min_interval or done == total):
             update_progress_artifact(self.artifact_id, 100.0 * done / max(total, 1),
                                      description=f"{self.description}: {rate:.1f} images/s")

@@ -63,3 +63,12 @@ def test_pca_progress_lines_reach_the_run_log(caplog: pytest.LogCaptureFixture,
 
     fit()
     assert "PCA pass: rows" in caplog.text
+
+
+def test_extraction_progress_is_logged_when_no_terminal_shows_a_bar(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from flows.progress import ExtractProgress
+
+    with ExtractProgress("extract vgg16", log_interval=0.0) as progress:  # pytest: no terminal
+        progress(16, 64)
+    assert "extract vgg16: 16/64 images" in caplog.text and "min left" in caplog.text
