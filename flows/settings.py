@@ -127,7 +127,15 @@ def load_settings(config: Path | None = None, model: type[BaseModel] = PipelineS
     try:
         return model(**values)
     except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}"
-            for e in error.errors())
-        raise SettingsError(f"invalid settings: {problems}") from None
+        raise SettingsError(f"invalid settings: {_problems(error)}") from None
+
+
+def _problems(error: ValidationError) -> str:
+    """Each problem as `field: message`; our own checks' messages as written, without
+    pydantic's "Value error, " prefix or a field name for whole-model checks."""
+    problems = []
+    for e in error.errors():
+        message = str(e["ctx"]["error"]) if e["type"] == "value_error" else e["msg"]
+        field = ".".join(str(part) for part in e["loc"])
+        problems.append(f"{field}: {message}" if field else message)
+    return "; ".join(problems)

@@ -81,6 +81,13 @@ def test_user_mistakes_are_one_line_errors(tmp_path: Path) -> None:
     assert "dataset folder not found" in missing.stderr and "Traceback" not in missing.stderr
     bad = featurepipe("run", "--data", str(tmp_path), "--variance", "1.5", cwd=tmp_path)
     assert bad.returncode == 2 and "variance" in bad.stderr and "Traceback" not in bad.stderr
+    small = featurepipe("run", "--data", str(tmp_path), "--backbone", "inceptionv3",
+                        "--image-size", "64", cwd=tmp_path)
+    assert small.returncode == 2 and small.stderr.strip() == (
+        "error: invalid settings: --image-size 64 is too small for inceptionv3: its layers need "
+        "at least 75 px (default 299)")
+    cron = featurepipe("serve", "--data", str(tmp_path), "--cron", "every day", cwd=tmp_path)
+    assert cron.returncode == 2 and "invalid cron expression 'every day'" in cron.stderr
 
 
 def test_predict_writes_a_csv_and_caches_features(first_and_second_run, digits_tree: Path,
