@@ -9,8 +9,6 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import numpy as np
-
 from tasks.dataset import ImageRecord, Manifest, Skipped, file_sha256, scan
 from tasks.errors import UserError
 from tasks.extract import ExtractSettings, extract
@@ -82,7 +80,7 @@ def predict_folder(run_dir: Path, folder: Path, store: FeatureStore,
         layer = report["settings"]["layer"]
         features = store.feature_array(result.feature_keys[layer]).as_dask()
         pca = load_pca(store, report["keys"]["reduction"])
-        reduced = np.asarray(pca.transform(features).compute())
+        reduced = pca.project(features)
         labels, scores = predict_scores(load_model(run_dir, name), reduced)
         counts = {"images_computed": result.images_computed,
                   "images_cached": result.images_cached}

@@ -115,7 +115,7 @@ def reduce_cached(store: FeatureStore, feature_key: str, train_rows: np.ndarray,
         if new_rows:
             fitted.partial_fit(data[np.asarray(new_rows)])
         lineage = {"updated_from": base_key, "rows_added": len(new_rows)}
-    projected = np.asarray(fitted.transform(data).compute(), dtype=np.float32)
+    projected = fitted.project(data)
     state, state_attrs = fitted.to_state()
     explained = float(np.sum(fitted.explained_variance_ratio_))
     attrs = {"feature_key": feature_key, "method": fitted.method_,

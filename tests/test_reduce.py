@@ -255,10 +255,14 @@ def test_under_local_cluster_with_two_processes(gram: ScaledPCA, data: Data) -> 
             assert len(client.scheduler_info()["workers"]) == 2
             est = ScaledPCA(method="gram", batch_size=100).fit(data.X[data.train])
             projected = est.transform(data.X[data.test]).compute()
+            streamed = est.project(data.X[data.test])  # the components stay in this process
     assert not [w for w in caught if "already in use" in str(w.message)]  # no port clashes
+    assert not [w for w in caught if "large graph" in str(w.message)]
     assert est.n_components_ == gram.n_components_
     np.testing.assert_allclose(est.components_, gram.components_, atol=1e-5)
     np.testing.assert_allclose(projected, gram.transform(data.X[data.test]).compute(), atol=1e-4)
+    assert streamed.dtype == np.float32
+    np.testing.assert_allclose(streamed, projected, rtol=1e-5, atol=1e-5)
 
 
 def test_float16_features(data: Data, tmp_path: Path) -> None:
