@@ -70,7 +70,9 @@ GroupRegex = Annotated[str | None, typer.Option(help="Regex on file names giving
 Seed = Annotated[int | None, typer.Option(help="Seed for splits, init and classifiers "
                                                "(default 0).")]
 DaskAddress = Annotated[str | None, typer.Option(help="Existing Dask scheduler tcp://host:port.")]
-Workers = Annotated[int | None, typer.Option(help="Local Dask worker processes (default 1).")]
+Workers = Annotated[int | None, typer.Option(help="Local Dask worker processes for extraction "
+                                                  "and PCA (default 1: no cluster, threads in "
+                                                  "this process).")]
 Config = Annotated[Path | None, typer.Option(help="YAML or TOML file of settings; flags win.")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")]
 Features = Annotated[str, typer.Option(help="Comma list of feature keys (or unique prefixes), "

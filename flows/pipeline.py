@@ -78,6 +78,14 @@ def _require_classes(manifest: Manifest) -> None:
                         f"{len(manifest.class_names)} ({', '.join(manifest.class_names)})")
 
 
+def _scales_out(settings: PipelineSettings) -> bool:
+    """Whether to run on a Dask cluster (--workers > 1 or --dask-address). Otherwise Dask's
+    threads in this process do the work: for PCA a one-worker LocalCluster only adds a socket
+    between the reads and the products (its gram fit took 2.2x as long on 1,000 block3_pool
+    rows, benchmarks/gram_fit.py)."""
+    return settings.workers > 1 or settings.dask_address is not None
+
+
 # tag "backbone": `prefect concurrency-limit create backbone 1` serialises backbone passes
 @task(name="extract", cache_policy=NO_CACHE, **IO_RETRIES,
       task_run_name="extract-{settings.backbone}", tags=["backbone"])
@@ -86,11 +94,10 @@ def extract_task(manifest: Manifest, settings: PipelineSettings) -> ExtractResul
 
     store = FeatureStore(settings.store)
     logger = get_run_logger()
-    scale_out = settings.workers > 1 or settings.dask_address is not None
     progress = ExtractProgress(f"extract {settings.backbone}")
     with progress, contextlib.ExitStack() as stack:
         client = (stack.enter_context(dask_client(settings.dask_address, settings.workers, 1))
-                  if scale_out else None)
+                  if _scales_out(settings) else None)
         result = extract(manifest, store, settings.extract_settings(), progress,
                          on_wait=lambda: logger.info("waiting for another run extracting the "
                                                      "same features into this store"),
@@ -108,7 +115,8 @@ def reduce_task(settings: PipelineSettings, layer: str, feature_key: str,
     store = FeatureStore(settings.store)
     outcome = cached_reduction(store, feature_key, train_rows, settings.pca_settings())
     if outcome is None:  # start a cluster only when there is something to fit
-        with dask_client(settings.dask_address, settings.workers):
+        with (dask_client(settings.dask_address, settings.workers) if _scales_out(settings)
+              else contextlib.nullcontext()):
             outcome = reduce_cached(store, feature_key, train_rows, settings.pca_settings())
     get_run_logger().info("%s: %d components (%s, %s)", layer, outcome.n_components,
                           outcome.method, "cached" if outcome.cached else "fitted")

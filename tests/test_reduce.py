@@ -119,13 +119,13 @@ def test_gram_matches_sklearn(gram: ScaledPCA, data: Data) -> None:
 
 def test_gram_panel_plan(data: Data) -> None:
     """batch_size 100 really splits the 600 train rows into panels of whole steps (chunks);
-    block3_pool rows get ~256 MiB panels."""
+    block3_pool rows get ~1 GiB panels."""
     steps, panels = _gram_plan(_chunk_bounds(data.X[data.train]), 3000, 100)
     assert len(panels) >= 6 and max(b - a for a, b in panels) <= 100
     assert panels[0][0] == 0 and panels[-1][1] == 600
     assert all(any(a <= s0 and s1 <= b for a, b in panels) for s0, s1 in steps)
     assert len(_gram_plan(_chunk_bounds(data.X[data.train]), 3000, None)[1]) == 1
-    steps, panels = _gram_plan(list(range(0, 801, 32)), 200704, None)
+    steps, panels = _gram_plan(list(range(0, 3201, 32)), 200704, None)
     assert len(panels) == 3 and all(b - a == 32 for a, b in steps)
 
 
