@@ -27,8 +27,11 @@ from tasks.store import FeatureArray, FeatureStore
 from tests.conftest import write_image
 
 LAYER = "block1_pool"  # 64x64x64 floats = 1 MiB per image at 128 px: 16 images per chunk
-FLAGS = ("--backbone", "vgg16", "--weights", "none", "--layers", LAYER, "--image-size", "128",
-         "--batch-size", "8")
+
+
+def _flags(size: int) -> tuple[str, ...]:
+    return ("--backbone", "vgg16", "--weights", "none", "--layers", LAYER, "--image-size",
+            str(size), "--batch-size", "8")
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PREFECT_LOGGING_LEVEL": "WARNING"}
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,13 +44,13 @@ def _namespaces_available() -> bool:
     return probe.returncode == 0
 
 
-def _images(folder: Path, count: int) -> tuple[Manifest, ExtractSettings]:
-    """`count` generated images and the extraction settings the CLI flags above stand for."""
+def _images(folder: Path, count: int, size: int) -> tuple[Manifest, ExtractSettings]:
+    """`count` generated images and the extraction settings `_flags(size)` stand for."""
     for i in range(count):
         label, tint = ("a", 120) if i % 2 else ("b", 0)
         write_image(folder / label / f"{i}.png", seed=i, size=64, tint=tint)
     settings = PipelineSettings(data=folder, backbone="vgg16", weights="none", layers=[LAYER],
-                                image_size=128, batch_size=8)
+                                image_size=size, batch_size=8)
     return scan(folder), settings.extract_settings()
 
 
@@ -84,7 +87,7 @@ def _extract_on_small_disk(data: Path, work: Path, disk_bytes: int) -> subproces
     disk, kept = work / "small-disk", work / "kept"
     disk.mkdir()
     command = [sys.executable, "-m", "flows", "extract", "--data", str(data),
-               "--store", str(disk / "store"), *FLAGS]
+               "--store", str(disk / "store"), *_flags(128)]
     script = (f"mount -t tmpfs -o size={disk_bytes} tmpfs {shlex.quote(str(disk))} && "
               f"{shlex.join(command)}; rc=$?; cp -a {shlex.quote(str(disk / 'store'))} "
               f"{shlex.quote(str(kept))}; exit $rc")
@@ -95,7 +98,7 @@ def _extract_on_small_disk(data: Path, work: Path, disk_bytes: int) -> subproces
 @pytest.mark.skipif(not _namespaces_available(),
                     reason="needs `unshare` with user and mount namespaces")
 def test_disk_full_keeps_a_consistent_store_and_resumes(tmp_path: Path) -> None:
-    manifest, settings = _images(tmp_path / "images", 64)
+    manifest, settings = _images(tmp_path / "images", 64, 128)
     reference_store = FeatureStore(str(tmp_path / "reference"))
     key = extract(manifest, reference_store, settings).feature_keys[LAYER]
     reference = reference_store.feature_array(key)
@@ -116,12 +119,14 @@ def test_disk_full_keeps_a_consistent_store_and_resumes(tmp_path: Path) -> None:
 
 
 def test_ctrl_c_keeps_finished_chunks_and_resumes(tmp_path: Path) -> None:
-    manifest, settings = _images(tmp_path / "images", 96)
+    # 224 px: 3 MiB per image, 4 images per chunk, 24 chunks. Interrupted after the first, the
+    # run still has ~20 s of work left; with 128 px it once finished before SIGINT took effect.
+    manifest, settings = _images(tmp_path / "images", 96, 224)
     key = plan_extraction(manifest, settings).key(LAYER)
     first_chunk_done = tmp_path / "store" / "features" / key / "done" / "c" / "0"
     process = subprocess.Popen([sys.executable, "-m", "flows", "extract", "--data",
                                 str(tmp_path / "images"), "--store", str(tmp_path / "store"),
-                                *FLAGS], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                *_flags(224)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, env=ENV, cwd=REPO)
     deadline = time.monotonic() + 300
     while not first_chunk_done.exists() and process.poll() is None:
