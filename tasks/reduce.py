@@ -143,6 +143,11 @@ def _gram_plan(
     return _pairs(steps), _pairs(_group(steps, panel_rows))
 
 
+def _stream_steps(X: da.Array) -> list[tuple[int, int]]:
+    """Row ranges of whole input chunks, about STEP_BYTES each: one streaming pass's reads."""
+    return _pairs(_group(_chunk_bounds(X), max(1, STEP_BYTES // (4 * X.shape[1]))))
+
+
 def _pairs(bounds: list[int]) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:], strict=True))
 
@@ -392,7 +397,7 @@ class ScaledPCA(BaseEstimator):
         """
         self._check_rows(X)
         Xc = _lazy_rows(X.rechunk({1: -1}), self._affine())
-        steps = _pairs(_group(_chunk_bounds(Xc), max(1, STEP_BYTES // (4 * X.shape[1]))))
+        steps = _stream_steps(Xc)
         out = np.empty((X.shape[0], self.n_components_), np.float32)
         with _blas_threads(_client_blas_threads()):
             for a, b, block in _stream(Xc, steps):
@@ -569,7 +574,7 @@ class ScaledPCA(BaseEstimator):
         late), hence the generous OVERSAMPLE."""
         n, d = Xc.shape
         limit = min(n, d)
-        steps = _pairs(_group(_chunk_bounds(Xc), max(1, STEP_BYTES // (4 * d))))
+        steps = _stream_steps(Xc)
         rng = np.random.default_rng(self.random_state)
         width = min(_sketch_width(self.n_components or RANDOMIZED_START), limit)
         basis = rng.standard_normal((width, d), dtype=np.float32)
@@ -626,7 +631,7 @@ class ScaledPCA(BaseEstimator):
             buffer[:k] *= ratio.astype(np.float32)
         del self._basis
         filled = 0
-        steps = _pairs(_group(_chunk_bounds(Xs), max(1, STEP_BYTES // (4 * Xs.shape[1]))))
+        steps = _stream_steps(Xs)
         for _a, _b, block in _stream(Xs, steps):
             start = 0
             while start < len(block):

@@ -27,9 +27,8 @@ from tests.conftest import write_image
 LAYER = "block1_pool"  # 64x64x64 floats = 1 MiB per image at 128 px: 16 images per chunk
 
 
-def _flags(size: int) -> tuple[str, ...]:
-    return ("--backbone", "vgg16", "--weights", "none", "--layers", LAYER, "--image-size",
-            str(size), "--batch-size", "8")
+FLAGS = ("--backbone", "vgg16", "--weights", "none", "--layers", LAYER, "--image-size", "128",
+         "--batch-size", "8")
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PREFECT_LOGGING_LEVEL": "WARNING"}
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,13 +41,13 @@ def _namespaces_available() -> bool:
     return probe.returncode == 0
 
 
-def _images(folder: Path, count: int, size: int) -> tuple[Manifest, ExtractSettings]:
-    """`count` generated images and the extraction settings `_flags(size)` stand for."""
+def _images(folder: Path, count: int) -> tuple[Manifest, ExtractSettings]:
+    """`count` generated images and the extraction settings FLAGS stand for."""
     for i in range(count):
         label, tint = ("a", 120) if i % 2 else ("b", 0)
         write_image(folder / label / f"{i}.png", seed=i, size=64, tint=tint)
     settings = PipelineSettings(data=folder, backbone="vgg16", weights="none", layers=[LAYER],
-                                image_size=size, batch_size=8)
+                                image_size=128, batch_size=8)
     return scan(folder), settings.extract_settings()
 
 
@@ -85,7 +84,7 @@ def _extract_on_small_disk(data: Path, work: Path, disk_bytes: int) -> subproces
     disk, kept = work / "small-disk", work / "kept"
     disk.mkdir()
     command = [sys.executable, "-m", "flows", "extract", "--data", str(data),
-               "--store", str(disk / "store"), *_flags(128)]
+               "--store", str(disk / "store"), *FLAGS]
     script = (f"mount -t tmpfs -o size={disk_bytes} tmpfs {shlex.quote(str(disk))} && "
               f"{shlex.join(command)}; rc=$?; cp -a {shlex.quote(str(disk / 'store'))} "
               f"{shlex.quote(str(kept))}; exit $rc")
@@ -96,7 +95,7 @@ def _extract_on_small_disk(data: Path, work: Path, disk_bytes: int) -> subproces
 @pytest.mark.skipif(not _namespaces_available(),
                     reason="needs `unshare` with user and mount namespaces")
 def test_disk_full_keeps_a_consistent_store_and_resumes(tmp_path: Path) -> None:
-    manifest, settings = _images(tmp_path / "images", 64, 128)
+    manifest, settings = _images(tmp_path / "images", 64)
     reference_store = FeatureStore(str(tmp_path / "reference"))
     key = extract(manifest, reference_store, settings).feature_keys[LAYER]
     reference = reference_store.feature_array(key)
