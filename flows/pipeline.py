@@ -81,7 +81,7 @@ def _require_classes(manifest: Manifest) -> None:
 def _scales_out(settings: PipelineSettings) -> bool:
     """Whether to run on a Dask cluster (--workers > 1 or --dask-address). Otherwise Dask's
     threads in this process do the work: for PCA a one-worker LocalCluster only adds a socket
-    between the reads and the products (its gram fit took 2.2x as long on 1,000 block3_pool
+    between the reads and the products (its gram fit took 2.0x as long on 1,000 block3_pool
     rows, benchmarks/gram_fit.py)."""
     return settings.workers > 1 or settings.dask_address is not None
 
