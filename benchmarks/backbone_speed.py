@@ -16,7 +16,7 @@ from collections.abc import Callable
 import keras
 import numpy as np
 
-from tasks.efficientnet_lite import build_efficientnet_lite0
+from tasks.backbones.efficientnet_lite import build_efficientnet_lite0
 
 
 def _lite0(size: int) -> keras.Model:

@@ -17,9 +17,9 @@ from benchmarks.common import image_folder, run_child
 
 STORE_CODE = """
 import json, resource, sys, time
-from tasks.dataset import scan
-from tasks.extract import ExtractSettings, extract
-from tasks.store import FeatureStore
+from tasks.data.scan import scan
+from tasks.features.extract import ExtractSettings, extract
+from tasks.features.store import FeatureStore
 data, store, layer, size, weights = sys.argv[1:6]
 began = time.perf_counter()
 result = extract(scan(data), FeatureStore(store), ExtractSettings(
@@ -32,9 +32,9 @@ NAIVE_CODE = """
 import json, resource, sys, time
 import numpy as np
 from keras.applications.vgg16 import preprocess_input
-from tasks.backbones import build_feature_model, get_spec, resolve_weights
-from tasks.dataset import scan
-from tasks.images import load_rgb
+from tasks.backbones.registry import build_feature_model, get_spec, resolve_weights
+from tasks.data.scan import scan
+from tasks.data.images import load_rgb
 data, layer, size, weights = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 began = time.perf_counter()
 manifest = scan(data)

@@ -17,9 +17,9 @@ from benchmarks.common import image_folder, run_child
 
 PIPELINE_CODE = """
 import json, sys, time
-from tasks.dataset import scan
-from tasks.extract import ExtractSettings, extract
-from tasks.store import FeatureStore
+from tasks.data.scan import scan
+from tasks.features.extract import ExtractSettings, extract
+from tasks.features.store import FeatureStore
 data, store, layers, size, weights = sys.argv[1:6]
 manifest = scan(data)
 result = extract(manifest, FeatureStore(store), ExtractSettings(
@@ -32,9 +32,9 @@ RAW_CODE = """
 import json, sys, time
 import numpy as np
 from keras.applications.vgg16 import preprocess_input
-from tasks.backbones import build_feature_model, get_spec, resolve_weights
-from tasks.dataset import scan
-from tasks.images import load_rgb
+from tasks.backbones.registry import build_feature_model, get_spec, resolve_weights
+from tasks.data.scan import scan
+from tasks.data.images import load_rgb
 data, layers, size, weights = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 manifest = scan(data)
 began = time.perf_counter()

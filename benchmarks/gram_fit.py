@@ -35,7 +35,7 @@ def child(zarr_path: str, rows: int, scheduler: str, panel_mb: int, out: str) ->
     import dask.array as da
 
     from tasks.cluster import dask_client
-    from tasks.reduce import ScaledPCA
+    from tasks.reduce.pca import ScaledPCA
 
     X = da.from_zarr(zarr_path)[:rows]
     panel_rows = max(1, (panel_mb << 20) // (4 * X.shape[1]))

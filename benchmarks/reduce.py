@@ -8,7 +8,7 @@ default method.
 
 sklearn runs twice: with the default BLAS threads and with one. On 2 shared cores OpenBLAS's
 threads spin against each other and the in-memory SVD was several times slower with 2 than
-with 1; ScaledPCA caps its own BLAS threads (see tasks/reduce.py), so the 1-thread row is
+with 1; ScaledPCA caps its own BLAS threads (see tasks/reduce/pca.py), so the 1-thread row is
 the fair baseline there.
 
     .venv/bin/python benchmarks/reduce.py --rows 800 --cols 200704
@@ -76,7 +76,7 @@ def child(name: str, zarr_path: str, out: str, variance: float) -> None:
     from sklearn.preprocessing import MinMaxScaler
     from threadpoolctl import threadpool_limits
 
-    from tasks.reduce import ScaledPCA
+    from tasks.reduce.pca import ScaledPCA
 
     base_mb = _peak_rss_mb()
     cpu0, t0 = time.process_time(), time.perf_counter()

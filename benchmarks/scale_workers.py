@@ -24,9 +24,9 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     args = parser.parse_args()
     from tasks.cluster import dask_client
-    from tasks.dataset import scan
-    from tasks.extract import ExtractSettings, extract
-    from tasks.store import FeatureStore
+    from tasks.data.scan import scan
+    from tasks.features.extract import ExtractSettings, extract
+    from tasks.features.store import FeatureStore
 
     work = Path(tempfile.mkdtemp(prefix="fp-bench-workers-"))
     manifest = scan(image_folder(args.images, work))

@@ -238,7 +238,7 @@ def reduce(**flags: Any) -> None:
 
         settings = _settings(**flags)
         key = features.split(",")[0].strip()
-        from tasks.store import FeatureStore
+        from tasks.features.store import FeatureStore
 
         full_key = FeatureStore(settings.store).find(key)[1]
         _print(reduce_flow(settings, full_key), json_out,
@@ -322,7 +322,7 @@ def finetune(data: Data = None, runs: Runs = None,
 def demo(store: Store = None, runs: Runs = None, json_out: JsonOut = False) -> None:
     def body() -> None:
         from flows.pipeline import pipeline_flow
-        from tasks.demo_data import write_digits
+        from tasks.data.demo import write_digits
 
         folder = write_digits(Path("data/demo/digits"))
         settings = _settings(data=folder, store=store or "data/stores/demo", runs=runs,
@@ -350,7 +350,7 @@ def serve(**flags: Any) -> None:
 @store_app.command("ls", help="Feature arrays and reductions: shapes, sizes, keys, completeness.")
 def store_ls(store: Store = None, json_out: JsonOut = False) -> None:
     def body() -> None:
-        from tasks.store import FeatureStore
+        from tasks.features.store import FeatureStore
 
         feature_store = FeatureStore(store or "featurepipe-store")
         rows = [a.summary() for a in feature_store.feature_arrays()]
@@ -379,7 +379,7 @@ def store_ls(store: Store = None, json_out: JsonOut = False) -> None:
 @store_app.command("info", help="Every attribute of one array (key or unique prefix).")
 def store_info(key: str, store: Store = None) -> None:
     def body() -> None:
-        from tasks.store import FeatureStore
+        from tasks.features.store import FeatureStore
 
         feature_store = FeatureStore(store or "featurepipe-store")
         kind, full = feature_store.find(key)
@@ -397,7 +397,7 @@ def store_info(key: str, store: Store = None) -> None:
                                   "--repair forgets bad chunks so the next extract redoes them.")
 def store_verify(store: Store = None, repair: bool = False, json_out: JsonOut = False) -> None:
     def body() -> None:
-        from tasks.store import FeatureStore
+        from tasks.features.store import FeatureStore
 
         feature_store = FeatureStore(store or "featurepipe-store")
         report = {}
@@ -422,7 +422,7 @@ def store_verify(store: Store = None, repair: bool = False, json_out: JsonOut = 
 @store_app.command("rm", help="Remove one array or reduction (key or unique prefix).")
 def store_rm(key: str, store: Store = None) -> None:
     def body() -> None:
-        from tasks.store import FeatureStore
+        from tasks.features.store import FeatureStore
 
         typer.echo(f"removed {FeatureStore(store or 'featurepipe-store').remove(key)}")
 
@@ -432,7 +432,7 @@ def store_rm(key: str, store: Store = None) -> None:
 @store_app.command("gc", help="Remove orphaned reductions and manifests.")
 def store_gc(store: Store = None) -> None:
     def body() -> None:
-        from tasks.store import FeatureStore
+        from tasks.features.store import FeatureStore
 
         removed = FeatureStore(store or "featurepipe-store").gc()
         typer.echo("\n".join(f"removed {item}" for item in removed) or "nothing to remove")
@@ -443,7 +443,7 @@ def store_gc(store: Store = None) -> None:
 @runs_app.command("ls", help="Runs, newest first, with accuracy per classifier.")
 def runs_ls(runs: Runs = None, json_out: JsonOut = False) -> None:
     def body() -> None:
-        from tasks.report import list_runs
+        from tasks.runs.report import list_runs
 
         rows = list_runs(runs or Path("runs"))
         if json_out:
@@ -473,8 +473,8 @@ def backbones_ls(cut_points: Annotated[str | None, typer.Option(
         help="Backbone whose cut layers to list (builds it with random weights).")] = None,
                  json_out: JsonOut = False) -> None:
     def body() -> None:
-        from tasks.backbones import BACKBONES, build_base, get_spec, resolve_weights
-        from tasks.backbones import cut_points as cuts
+        from tasks.backbones.registry import BACKBONES, build_base, get_spec, resolve_weights
+        from tasks.backbones.registry import cut_points as cuts
 
         rows = [{"name": spec.name, "default_size": spec.default_size,
                  "default_layer": spec.default_layer,
@@ -502,8 +502,8 @@ def backbones_ls(cut_points: Annotated[str | None, typer.Option(
                                       "scikit-image and print the top-5 classes by name.")
 def backbones_check(name: str, weights: Weights = None, json_out: JsonOut = False) -> None:
     def body() -> None:
-        from tasks.backbone_check import top5_on_photos
-        from tasks.backbones import build_base, get_spec, load_preprocess, resolve_weights
+        from tasks.backbones.check import top5_on_photos
+        from tasks.backbones.registry import build_base, get_spec, load_preprocess, resolve_weights
 
         spec = get_spec(name)
         choice = resolve_weights(spec, weights or "imagenet")

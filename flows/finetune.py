@@ -1,6 +1,6 @@
 """Prefect flow for fine-tuning: scan -> split -> fine-tune (resumable) -> run folder.
 
-Thin wiring over tasks.finetune: the flow adds the Prefect logger, a progress artifact per
+Thin wiring over tasks.finetune.training: the flow adds the Prefect logger, a progress artifact per
 epoch and the run's summary artifacts; `resume` continues an interrupted run with its own
 saved settings.
 """
@@ -27,8 +27,9 @@ from pydantic import BeforeValidator, ConfigDict, Field
 
 from flows.pipeline import scan_task
 from flows.settings import BackboneChoice, SettingsError
-from tasks.dataset import Manifest
-from tasks.finetune import (
+from tasks.data.scan import Manifest
+from tasks.data.splits import split_rows
+from tasks.finetune.training import (
     FLIP_MODES,
     OPTIMIZERS,
     EpochLog,
@@ -36,8 +37,7 @@ from tasks.finetune import (
     read_state,
     run_finetune,
 )
-from tasks.report import REPORT_JSON, metrics_table, new_run_id, run_summary_markdown
-from tasks.splits import split_rows
+from tasks.runs.report import REPORT_JSON, metrics_table, new_run_id, run_summary_markdown
 
 
 def _widths(value: Any) -> Any:

@@ -21,13 +21,13 @@ from prefect.states import State
 
 from flows.progress import ExtractProgress
 from flows.settings import PipelineSettings
-from tasks.dataset import Manifest, scan
+from tasks.data.scan import Manifest, scan
+from tasks.data.splits import split_rows
 from tasks.errors import UserError, is_disk_full
-from tasks.extract import ExtractResult, extract
-from tasks.redact import redact
-from tasks.splits import split_rows
-from tasks.stages import ReduceOutcome, cached_reduction, classify_run, reduce_cached
-from tasks.store import FeatureStore
+from tasks.features.extract import ExtractResult, extract
+from tasks.features.store import FeatureStore
+from tasks.reduce.stage import ReduceOutcome, cached_reduction, classify_run, reduce_cached
+from tasks.runs.redact import redact
 
 
 def transient_io_failure(task: Task, task_run: TaskRun, state: State) -> bool:
@@ -127,7 +127,7 @@ def reduce_task(settings: PipelineSettings, layer: str, feature_key: str,
 def classify_task(settings: PipelineSettings, layer: str, manifest: Manifest,
                   reduction: ReduceOutcome, train_rows: np.ndarray, test_rows: np.ndarray,
                   extras: dict) -> dict:
-    from tasks.report import metrics_table, new_run_id, run_summary_markdown
+    from tasks.runs.report import metrics_table, new_run_id, run_summary_markdown
 
     run_id = new_run_id()
     run_dir = Path(settings.runs) / run_id
@@ -235,8 +235,8 @@ def pipeline_flow(settings: PipelineSettings) -> dict:
 def sweep_flow(settings: PipelineSettings) -> dict:
     """The notebook's experiment: every layer from one backbone pass, reduced, classified and
     compared in one table (Markdown, CSV, bar chart, Prefect table artifact)."""
-    from tasks.report import read_report
-    from tasks.sweep import sweep_rows, write_sweep
+    from tasks.runs.report import read_report
+    from tasks.runs.sweep import sweep_rows, write_sweep
 
     summary = pipeline_flow(settings)
     reports = {layer: read_report(Path(info["run_dir"]))
@@ -253,7 +253,7 @@ def sweep_flow(settings: PipelineSettings) -> dict:
 def predict_flow(run_dir: Path, data: Path, out: Path, store: str = "featurepipe-store",
                  classifier: str | None = None) -> dict:
     """Predict new images with a finished run and write a CSV (file, class, scores)."""
-    from tasks.predict import predict_folder, write_predictions_csv
+    from tasks.runs.predict import predict_folder, write_predictions_csv
 
     rows, manifest, info = predict_folder(run_dir, data, FeatureStore(store), classifier)
     write_predictions_csv(rows, out)

@@ -12,10 +12,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tasks.backbones import check_input_size, get_spec
+from tasks.backbones.registry import check_input_size, get_spec
 from tasks.errors import UserError
-from tasks.extract import ExtractSettings
-from tasks.stages import PcaSettings
+from tasks.features.extract import ExtractSettings
+from tasks.reduce.stage import PcaSettings
 
 
 class SettingsError(UserError):
@@ -75,7 +75,7 @@ class PipelineSettings(BackboneChoice):
     @field_validator("classifiers")
     @classmethod
     def _known_classifiers(cls, value: list[str]) -> list[str]:
-        from tasks.classify import CLASSIFIERS
+        from tasks.classify.models import CLASSIFIERS
 
         unknown = [name for name in value if name not in CLASSIFIERS]
         if unknown or not value:
@@ -86,7 +86,7 @@ class PipelineSettings(BackboneChoice):
     @field_validator("classifier_options")
     @classmethod
     def _known_options(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        from tasks.classify import resolve_options
+        from tasks.classify.models import resolve_options
 
         for name, options in value.items():
             resolve_options(name, options)  # unknown names/keys fail here, not after extraction

@@ -1,6 +1,6 @@
 """A Dask distributed client for the pipeline: an existing scheduler, or a private LocalCluster.
 
-`tasks.reduce` works under any active scheduler; this only decides which one is active.
+`tasks.reduce.pca` works under any active scheduler; this only decides which one is active.
 """
 
 from __future__ import annotations

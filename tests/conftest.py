@@ -32,7 +32,7 @@ def image_tree(tmp_path: Path) -> Path:
     root = tmp_path / "images"
     for label, tint in (("cats", 0), ("dogs", 120)):
         for i in range(12):
-            write_image(root / label / f"img_{i:02d}.png", seed=hash((label, i)) % 10_000,
+            write_image(root / label / f"img_{i:02d}.png", seed=100 * (label == "dogs") + i,
                         tint=tint)
     return root
 
@@ -40,6 +40,6 @@ def image_tree(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def digits_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """scikit-learn's digits, 15 per class, as PNG class folders (shared by several tests)."""
-    from tasks.demo_data import write_digits
+    from tasks.data.demo import write_digits
 
     return write_digits(tmp_path_factory.mktemp("digits"), per_class=15)

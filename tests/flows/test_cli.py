@@ -1,0 +1,174 @@
+"""The `featurepipe` command end to end, as a user runs it: real processes, real store, --json."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PREFECT_LOGGING_LEVEL": "WARNING"}
+
+
+def featurepipe(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows", *args], cwd=cwd, env=ENV,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def first_and_second_run(digits_tree: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Two identical `featurepipe run --json` calls on the digits: the second must be cached."""
+    work = tmp_path_factory.mktemp("cli")
+    args = ("run", "--data", str(digits_tree), "--store", str(work / "store"),
+            "--runs", str(work / "runs"), "--backbone", "vgg16", "--weights", "none",
+            "--image-size", "32", "--layers", "block3_pool", "--pooling", "avg",
+            "--classifiers", "svm,logreg", "--json")
+    runs = [featurepipe(*args, cwd=work) for _ in range(2)]
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-3000:]
+    return work, [json.loads(run.stdout) for run in runs]
+
+
+def test_run_json_summary(first_and_second_run) -> None:
+    work, (first, _) = first_and_second_run
+    assert first["images_total"] == 150
+    assert (first["images_computed"], first["images_cached"]) == (150, 0)
+    assert first["images_skipped"] == 0 and first["skipped"] == []
+    assert set(first["accuracy"]) == {"svm", "logreg"}
+    assert all(0.0 <= acc <= 1.0 for acc in first["accuracy"].values())
+    assert first["n_components"] >= 1
+    run_dir = Path(first["run_dir"])
+    assert (run_dir / "report.json").is_file() and (run_dir / "report.md").is_file()
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["settings"]["layer"] == "block3_pool"
+
+
+def test_second_identical_run_computes_nothing(first_and_second_run) -> None:
+    _, (first, second) = first_and_second_run
+    assert second["images_computed"] == 0 and second["images_cached"] == 150
+    assert second["layers"]["block3_pool"]["reduce_cached"] is True
+    assert second["accuracy"] == first["accuracy"]
+    assert second["run_id"] != first["run_id"]
+
+
+def test_classify_only_and_store_commands(first_and_second_run) -> None:
+    work, (first, _) = first_and_second_run
+    key = first["layers"]["block3_pool"]["feature_key"]
+    classify = featurepipe("classify", "--features", key[:8], "--store", str(work / "store"),
+                           "--runs", str(work / "runs"), "--classifiers", "knn",
+                           "--components", "5", "--json", cwd=work)
+    assert classify.returncode == 0, classify.stderr[-3000:]
+    summary = json.loads(classify.stdout)
+    assert list(summary["accuracy"]) == ["knn"] and summary["n_components"] == 5
+    too_many = featurepipe("classify", "--features", key[:8], "--store", str(work / "store"),
+                           "--runs", str(work / "runs"), "--components", "10000", cwd=work)
+    assert too_many.returncode == 2 and "Traceback" not in too_many.stderr
+    assert "--components 10000 is more than PCA can give here: at most 111" in too_many.stderr
+
+    listing = featurepipe("store", "ls", "--store", str(work / "store"), "--json", cwd=work)
+    rows = json.loads(listing.stdout)["arrays"]
+    assert {row["kind"] for row in rows} == {"features", "reduced"}
+    verify = featurepipe("store", "verify", "--store", str(work / "store"), cwd=work)
+    assert verify.returncode == 0 and "ok" in verify.stdout
+
+
+def test_user_mistakes_are_one_line_errors(tmp_path: Path) -> None:
+    missing = featurepipe("run", "--data", str(tmp_path / "nowhere"), cwd=tmp_path)
+    assert missing.returncode == 2
+    assert "dataset folder not found" in missing.stderr and "Traceback" not in missing.stderr
+    bad = featurepipe("run", "--data", str(tmp_path), "--variance", "1.5", cwd=tmp_path)
+    assert bad.returncode == 2 and "variance" in bad.stderr and "Traceback" not in bad.stderr
+    small = featurepipe("run", "--data", str(tmp_path), "--backbone", "inceptionv3",
+                        "--image-size", "64", cwd=tmp_path)
+    assert small.returncode == 2 and small.stderr.strip() == (
+        "error: invalid settings: --image-size 64 is too small for inceptionv3: its layers need "
+        "at least 75 px (default 299)")
+    cron = featurepipe("serve", "--data", str(tmp_path), "--cron", "every day", cwd=tmp_path)
+    assert cron.returncode == 2 and "invalid cron expression 'every day'" in cron.stderr
+
+
+def test_predict_writes_a_csv_and_caches_features(first_and_second_run, digits_tree: Path,
+                                                  tmp_path: Path) -> None:
+    import csv
+
+    from PIL import Image, ImageOps
+
+    work, (first, _) = first_and_second_run
+    new_images = tmp_path / "new"
+    new_images.mkdir()
+    for label in ("3", "7"):  # shifted copies: new bytes, so their features are computed
+        for source in sorted((digits_tree / label).iterdir())[:2]:
+            shifted = ImageOps.expand(Image.open(source), border=(2, 0, 0, 2))
+            shifted.resize((32, 32)).save(new_images / f"{label}_{source.name}")
+    out = tmp_path / "predictions.csv"
+    args = ("predict", "--run", first["run_id"], "--data", str(new_images), "--out", str(out),
+            "--store", str(work / "store"), "--runs", str(work / "runs"), "--json")
+    predicted = featurepipe(*args, cwd=work)
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    summary = json.loads(predicted.stdout)
+    assert summary["predictions"] == 4 and summary["images_computed"] == 4
+    rows = list(csv.DictReader(out.open()))
+    assert [r["file"] for r in rows] == sorted(p.name for p in new_images.iterdir())
+    assert {r["predicted_class"] for r in rows} <= {str(d) for d in range(10)}
+    assert {f"score_{d}" for d in range(10)} <= set(rows[0])
+    again = json.loads(featurepipe(*args, cwd=work).stdout)
+    assert again["images_computed"] == 0 and again["images_cached"] == 4
+
+
+NO_TENSORFLOW = """
+import json, sys
+from flows.pipeline import classify_flow
+from flows.settings import PipelineSettings
+settings = PipelineSettings(store=sys.argv[1], runs=sys.argv[2], classifiers=["logreg"])
+summary = classify_flow(settings, [sys.argv[3]])
+print(json.dumps({"accuracy": summary["accuracy"],
+                  "loaded": [m for m in ("tensorflow", "keras") if m in sys.modules]}))
+"""
+
+
+def test_classifier_only_rerun_never_loads_tensorflow(first_and_second_run) -> None:
+    work, (first, _) = first_and_second_run
+    key = first["layers"]["block3_pool"]["feature_key"]
+    done = subprocess.run([sys.executable, "-c", NO_TENSORFLOW, str(work / "store"),
+                           str(work / "runs"), key], cwd=Path(__file__).parents[2], env=ENV,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["loaded"] == []  # no backbone can be built without TensorFlow
+    assert result["accuracy"]["logreg"] == first["accuracy"]["logreg"]
+
+
+def test_sweep_compares_layers_in_one_table(first_and_second_run, digits_tree: Path) -> None:
+    work, _ = first_and_second_run
+    sweep = featurepipe("sweep", "--data", str(digits_tree), "--store", str(work / "store"),
+                        "--runs", str(work / "runs"), "--weights", "none", "--image-size", "32",
+                        "--layers", "block2_pool,block3_pool", "--pooling", "avg",
+                        "--classifiers", "logreg", "--json", cwd=work)
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    summary = json.loads(sweep.stdout)
+    assert summary["images_computed"] == 150  # block2_pool is new; block3_pool came cached
+    assert [(r["layer"], r["classifier"]) for r in summary["sweep"]] == [
+        ("block2_pool", "logreg"), ("block3_pool", "logreg")]
+    for path in summary["sweep_files"].values():
+        assert Path(path).is_file()
+    table = Path(summary["sweep_files"]["md"]).read_text()
+    assert "block2_pool" in table and "block3_pool" in table
+
+
+def test_store_maintenance_commands(first_and_second_run) -> None:
+    work, (first, _) = first_and_second_run
+    store = ("--store", str(work / "store"))
+    layer = first["layers"]["block3_pool"]
+    info = featurepipe("store", "info", layer["feature_key"][:10], *store, cwd=work)
+    assert info.returncode == 0 and json.loads(info.stdout)["layer"] == "block3_pool"
+    removed = featurepipe("store", "rm", layer["reduce_key"], *store, cwd=work)
+    assert removed.stdout.strip() == f"removed reduced/{layer['reduce_key']}"
+    assert featurepipe("store", "gc", *store, cwd=work).returncode == 0
+    listing = json.loads(featurepipe("store", "ls", *store, "--json", cwd=work).stdout)
+    assert layer["reduce_key"] not in {row["key"] for row in listing["arrays"]}
+    assert layer["feature_key"] in {row["key"] for row in listing["arrays"]}
+    unknown = featurepipe("store", "info", "zzzz", *store, cwd=work)
+    assert unknown.returncode == 2 and "no key starting with 'zzzz'" in unknown.stderr

@@ -1,0 +1,48 @@
+"""Every registered backbone: its minimum input size is exact, and too small an input is refused
+with a message, at settings validation already (before Prefect or any image)."""
+
+from __future__ import annotations
+
+import pytest
+
+from flows.settings import PipelineSettings, SettingsError, load_settings
+from tasks.backbones.registry import (
+    BACKBONES,
+    BackboneError,
+    build_base,
+    build_feature_model,
+    check_input_size,
+    resolve_weights,
+)
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_min_size_keeps_every_layer_non_empty(name: str) -> None:
+    spec = BACKBONES[name]
+    base = build_base(spec, resolve_weights(spec, "none"), spec.min_size)
+    empty = [layer.name for layer in base.layers
+             if any(dim == 0 for dim in layer.output.shape[1:])]
+    assert not empty  # so any layer is a valid cut at min_size (and at every larger size)
+    model = build_feature_model(spec, resolve_weights(spec, "none"), spec.min_size,
+                                [spec.default_layer])
+    assert model.outputs[0].shape[-1] > 0
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_one_pixel_below_min_size_is_refused(name: str) -> None:
+    spec = BACKBONES[name]
+    message = f"too small for {name}: its layers need at least {spec.min_size} px"
+    with pytest.raises(BackboneError, match=message):
+        check_input_size(spec, spec.min_size - 1)
+    with pytest.raises(BackboneError, match=message):
+        build_feature_model(spec, resolve_weights(spec, "none"), spec.min_size - 1,
+                            [spec.default_layer])
+    with pytest.raises(SettingsError, match=message):
+        load_settings(backbone=name, image_size=spec.min_size - 1)
+    assert load_settings(backbone=name, image_size=spec.min_size).image_size == spec.min_size
+
+
+def test_unknown_backbone_fails_at_validation_listing_the_known_ones() -> None:
+    with pytest.raises(SettingsError, match="unknown backbone 'vgg17'; choose one of vgg16, "):
+        load_settings(backbone="vgg17")
+    assert PipelineSettings(backbone="VGG16").backbone == "VGG16"  # names are case-insensitive

@@ -1,0 +1,161 @@
+"""Fine-tuning on generated images: resume after an interruption, run folder, prediction, flow."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flows.finetune import FinetuneFlowSettings, finetune_flow, resolve_run
+from flows.settings import SettingsError
+from tasks.backbones.registry import BackboneError, get_spec, load_preprocess
+from tasks.data.images import load_rgb
+from tasks.data.scan import scan
+from tasks.data.splits import split_rows
+from tasks.finetune.training import (
+    BEST_FILE,
+    CHECKPOINTS,
+    LAST_FILE,
+    FinetuneError,
+    FinetuneSettings,
+    augmentation,
+    image_dataset,
+    predict_finetuned,
+    read_state,
+    run_finetune,
+    validation_rows,
+)
+from tasks.runs.report import list_runs, new_run_id
+from tests.conftest import write_image
+
+# Random-init VGG16 at 32px with a tiny head: seconds per epoch on a shared CPU.
+TINY = FinetuneSettings(backbone="vgg16", weights="none", image_size=32, head=(8,), batch_norm=True,
+                        phase1_epochs=2, phase2_epochs=1, unfreeze_last=2, batch_size=8,
+                        rotation=0.1, zoom=0.1, translation=0.1, contrast=0.2)
+
+
+def _crash(epoch: int, logs: dict) -> None:
+    """Simulate a crash at the end of an epoch, after the checkpoints have been written."""
+    raise RuntimeError("simulated crash")
+
+
+def test_interrupted_training_resumes_and_writes_a_run(image_tree: Path, tmp_path: Path) -> None:
+    import keras
+
+    manifest = scan(image_tree)
+    train, test = split_rows(manifest, "stratified", 0.25, seed=0)
+    run_dir = tmp_path / "runs" / new_run_id()
+
+    # Recorded as the flow records them, so that the flow could resume this run too.
+    recorded = FinetuneFlowSettings(data=image_tree, runs=run_dir.parent, **asdict(TINY))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_finetune(manifest, train, test, TINY, run_dir, run_settings=recorded.run_settings(),
+                     callbacks=[keras.callbacks.LambdaCallback(on_epoch_end=_crash)])
+    state = read_state(run_dir)
+    assert (state.phase, state.epoch, state.phase_epoch) == (1, 1, 1)
+    assert (run_dir / CHECKPOINTS / LAST_FILE).is_file()
+    assert (run_dir / CHECKPOINTS / BEST_FILE).is_file()
+    assert not (run_dir / "report.json").exists()
+
+    with pytest.raises(FinetuneError, match="dropout"):
+        run_finetune(manifest, train, test, replace(TINY, dropout=0.5), run_dir)
+    resumed, resumed_dir = resolve_run(FinetuneFlowSettings(runs=run_dir.parent,
+                                                            resume=run_dir.name))
+    assert (resumed.finetune_settings(), resumed.data, resumed_dir) == (TINY, image_tree, run_dir)
+    with pytest.raises(SettingsError, match="different dropout"):
+        resolve_run(FinetuneFlowSettings(runs=run_dir.parent, resume=run_dir.name, dropout=0.5))
+
+    started: list[int] = []  # 0-based epochs counted over both phases
+    record = keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, _: started.append(epoch))
+    report = run_finetune(manifest, train, test, TINY, run_dir, callbacks=[record])
+    assert started == [1, 2]  # epoch 2 of phase 1, then the one epoch of phase 2
+    entry = report["classifiers"]["finetune"]
+    assert 0.0 <= entry["metrics"]["accuracy"] <= 1.0
+    assert entry["best_params"]["epochs_run"] == 3
+    assert len(entry["history"]["val_loss"]) == 3
+    assert report["extras"]["resumes"] == 1
+    assert report["settings"]["image_size"] == 32
+    assert json.loads((run_dir / "report.json").read_text())["best_classifier"] == "finetune"
+    assert (run_dir / "learning_curves_finetune.png").is_file()
+    assert not (run_dir / CHECKPOINTS / LAST_FILE).exists()  # the model now lives in models/
+    assert list_runs(run_dir.parent)[0]["accuracy"] == {"finetune": entry["metrics"]["accuracy"]}
+
+    test_files = [Path(manifest.root) / manifest.records[i].path for i in test]
+    labels, probabilities = predict_finetuned(run_dir, test_files)
+    assert probabilities.shape == (len(test), 2)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    truth = [manifest.records[i].label for i in test]
+    accuracy = np.mean([a == b for a, b in zip(labels, truth, strict=True)])
+    assert accuracy == pytest.approx(entry["metrics"]["accuracy"])  # same decode + preprocess
+
+
+def test_pipeline_matches_extraction_decoding_and_augments_training_only(
+        image_tree: Path) -> None:
+    paths = sorted(image_tree.rglob("*.png"))[:4]
+    preprocess = load_preprocess(get_spec("vgg16"))
+    expected = preprocess(np.stack([load_rgb(p, 32) for p in paths]))
+
+    plain = image_dataset(paths, [0, 0, 1, 1], 32, preprocess, batch_size=4)
+    first, second = (next(iter(plain))[0].numpy() for _ in range(2))
+    np.testing.assert_allclose(first, expected, atol=1e-4)
+    np.testing.assert_array_equal(first, second)
+
+    augmented = image_dataset(paths, [0, 0, 1, 1], 32, preprocess, batch_size=4,
+                              augment=augmentation(TINY))
+    assert not np.allclose(next(iter(augmented))[0].numpy(), expected, atol=1e-2)
+    assert augmentation(replace(TINY, flip="none", rotation=0, zoom=0, translation=0,
+                                contrast=0)) is None
+
+
+def test_validation_rows_prefer_the_valid_tree(image_tree: Path, tmp_path: Path) -> None:
+    manifest = scan(image_tree)
+    train, _ = split_rows(manifest, "stratified", 0.25, seed=0)
+    fit, val = validation_rows(manifest, train, 0.25, seed=0)
+    assert sorted([*fit, *val]) == sorted(train) and not set(fit) & set(val)
+    assert {manifest.records[i].label for i in val} == {"cats", "dogs"}
+
+    for split, count in (("train", 4), ("valid", 2), ("test", 2)):
+        for label, tint in (("a", 0), ("b", 120)):
+            for i in range(count):
+                write_image(tmp_path / "tree" / split / label / f"{i}.png", seed=i, tint=tint)
+    folders = scan(tmp_path / "tree")
+    train, _ = split_rows(folders, "auto", 0.25, seed=0)
+    fit, val = validation_rows(folders, train, 0.25, seed=0)
+    assert {folders.records[i].split for i in val} == {"valid"} and len(val) == 4
+    assert {folders.records[i].split for i in fit} == {"train"}
+
+
+def test_bad_settings_fail_before_training(image_tree: Path, tmp_path: Path) -> None:
+    with pytest.raises(FinetuneError, match="optimizer 'adagrad2'"):
+        replace(TINY, optimizer="adagrad2").check()
+    manifest = scan(image_tree)
+    train, test = split_rows(manifest, "stratified", 0.25, seed=0)
+    with pytest.raises(BackboneError, match="unknown layer 'block9_conv1'"):
+        run_finetune(manifest, train, test, replace(TINY, unfreeze_from="block9_conv1"),
+                     tmp_path / "run")
+
+
+@pytest.fixture
+def prefect_server():
+    """A temporary Prefect server stopped inside the test, not at interpreter exit (where its
+    shutdown message would hit pytest's already-closed capture stream)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_flow_writes_a_run_and_refuses_to_resume_a_finished_one(image_tree: Path,
+                                                                tmp_path: Path) -> None:
+    settings = FinetuneFlowSettings(data=image_tree, runs=tmp_path / "runs", backbone="vgg16",
+                                    weights="none", image_size=32, head="8",
+                                    phase1_epochs=1, phase2_epochs=0, batch_size=8)
+    summary = finetune_flow(settings)
+    assert summary["epochs_run"] == 1 and 0.0 <= summary["accuracy"] <= 1.0
+    assert (Path(summary["run_dir"]) / "report.md").is_file()
+    with pytest.raises(SettingsError, match="it has finished"):
+        finetune_flow(FinetuneFlowSettings(runs=tmp_path / "runs", resume=summary["run_id"]))

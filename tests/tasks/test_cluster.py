@@ -1,0 +1,97 @@
+"""Scaling out: extraction over a real Dask LocalCluster, and the store on a real S3 API."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tasks.cluster import dask_client
+from tasks.data.scan import scan
+from tasks.features.extract import ExtractSettings, extract
+from tasks.features.store import FeatureStore
+from tests.conftest import write_image
+
+SETTINGS = ExtractSettings(backbone="vgg16", weights="none", layers=("block1_pool",
+                                                                     "block2_pool"),
+                           image_size=32, batch_size=4, chunk_mb=0.1)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("scale") / "images"
+    for i in range(40):
+        write_image(root / ("a" if i % 2 else "b") / f"{i}.png", seed=i)
+    return root
+
+
+def test_two_workers_produce_the_same_store_as_one(images: Path, tmp_path: Path) -> None:
+    manifest = scan(images)
+    single = FeatureStore(str(tmp_path / "one"))
+    keys = extract(manifest, single, SETTINGS).feature_keys
+    double = FeatureStore(str(tmp_path / "two"))
+    with dask_client(workers=2, threads_per_worker=1) as client:
+        result = extract(manifest, double, SETTINGS, client=client)
+    assert result.images_computed == 40 and result.feature_keys == keys
+    for key in keys.values():
+        assert double.feature_array(key).complete
+        np.testing.assert_allclose(double.feature_array(key).data[...],
+                                   single.feature_array(key).data[...], rtol=1e-5, atol=1e-6)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def s3_endpoint(monkeypatch: pytest.MonkeyPatch):
+    """A real S3 API on loopback (moto's server mode), with a bucket, for this test only."""
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    for name, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}.items():
+        monkeypatch.setenv(name, value)
+    deadline = time.time() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.time() > deadline:
+                server.kill()
+                pytest.fail("moto server did not start")
+            time.sleep(0.2)
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    s3fs.S3FileSystem().mkdir("features")
+    yield endpoint
+    server.kill()
+    server.wait()
+
+
+def test_store_on_s3_matches_local(images: Path, tmp_path: Path, s3_endpoint: str) -> None:
+    manifest = scan(images)
+    local = FeatureStore(str(tmp_path / "local"))
+    keys = extract(manifest, local, SETTINGS).feature_keys
+    remote = FeatureStore("s3://features/store")
+    first = extract(manifest, remote, SETTINGS)
+    assert first.images_computed == 40
+    again = extract(manifest, FeatureStore("s3://features/store"), SETTINGS)
+    assert again.images_computed == 0
+    for key in keys.values():
+        array = remote.feature_array(key)
+        assert array.verify() == []
+        np.testing.assert_array_equal(array.data[...], local.feature_array(key).data[...])
+    assert remote.load_manifest(manifest.key).key == manifest.key
+    assert os.environ["AWS_ENDPOINT_URL"] == s3_endpoint
