@@ -17,12 +17,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/featurepipe demo
 
-test: $(STAMP)
-	$(BIN)/ruff check tasks flows tests benchmarks
+test: lint
 	$(BIN)/pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check tasks flows tests benchmarks
+	$(BIN)/ruff format --check tasks flows tests benchmarks
 
 clean:
 	rm -rf data/demo data/stores runs .pytest_cache

@@ -32,10 +32,15 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="fp-bench-rerun-"))
     data = image_folder(args.images, work)
-    settings = PipelineSettings(data=data, store=str(work / "store"), runs=work / "runs",
-                                weights="hed-vgg16", layers=[args.layer],
-                                image_size=args.image_size,
-                                classifiers=args.classifiers.split(","))
+    settings = PipelineSettings(
+        data=data,
+        store=str(work / "store"),
+        runs=work / "runs",
+        weights="hed-vgg16",
+        layers=[args.layer],
+        image_size=args.image_size,
+        classifiers=args.classifiers.split(","),
+    )
     flow(name="warm-up")(lambda: None)()
 
     began = time.perf_counter()

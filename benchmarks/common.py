@@ -20,8 +20,11 @@ def image_folder(n_images: int, work: Path) -> Path:
     folder = work / f"images-{n_images}"
     if folder.exists():
         return folder
-    classes = sorted(p for p in BLOOD_CELLS.resolve().iterdir() if p.is_dir()) \
-        if BLOOD_CELLS.exists() else []
+    classes = (
+        sorted(p for p in BLOOD_CELLS.resolve().iterdir() if p.is_dir())
+        if BLOOD_CELLS.exists()
+        else []
+    )
     per_class = -(-n_images // max(len(classes), 4))
     made = 0
     for c in range(max(len(classes), 4)):
@@ -45,8 +48,14 @@ def image_folder(n_images: int, work: Path) -> Path:
 def run_child(code: str, *args: str) -> dict:
     """Run `code` in a fresh Python (so peaks don't mix); it prints one JSON line last."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                          env=env, cwd=Path(__file__).resolve().parents[1], check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+        check=False,
+    )
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-3000:])
     return json.loads(done.stdout.strip().splitlines()[-1])

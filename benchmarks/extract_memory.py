@@ -61,18 +61,27 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fp-bench-mem-"))
     print(f"layer {args.layer}, {args.image_size}px, weights {args.weights}; work dir {work}")
-    print(f"{'images':>7} {'store peak MiB':>15} {'store s':>8} {'naive peak MiB':>15} "
-          f"{'naive s':>8}")
+    print(
+        f"{'images':>7} {'store peak MiB':>15} {'store s':>8} {'naive peak MiB':>15} {'naive s':>8}"
+    )
     for n in [int(s) for s in args.sizes.split(",")]:
         data = image_folder(n, work)
-        store = run_child(STORE_CODE, str(data), str(work / f"store-{n}"), args.layer,
-                          str(args.image_size), args.weights)
+        store = run_child(
+            STORE_CODE,
+            str(data),
+            str(work / f"store-{n}"),
+            args.layer,
+            str(args.image_size),
+            args.weights,
+        )
         naive = {"peak_rss_mib": float("nan"), "seconds": float("nan")}
         if not args.skip_naive:
-            naive = run_child(NAIVE_CODE, str(data), args.layer, str(args.image_size),
-                              args.weights)
-        print(f"{n:>7} {store['peak_rss_mib']:>15.0f} {store['seconds']:>8.1f} "
-              f"{naive['peak_rss_mib']:>15.0f} {naive['seconds']:>8.1f}", flush=True)
+            naive = run_child(NAIVE_CODE, str(data), args.layer, str(args.image_size), args.weights)
+        print(
+            f"{n:>7} {store['peak_rss_mib']:>15.0f} {store['seconds']:>8.1f} "
+            f"{naive['peak_rss_mib']:>15.0f} {naive['seconds']:>8.1f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -70,11 +70,19 @@ def main() -> None:
     print(f"block5_pool  extract stage, JPEG files -> store:  {pipe_rate:6.2f} images/s")
     print(f"ratio pipeline / raw: {pipe_rate / raw_rate:.3f} (target >= 0.95)")
 
-    multi = run_child(PIPELINE_CODE, str(data), str(work / "store345"),
-                      "block3_pool,block4_pool,block5_pool", size, weights)
-    print(f"block3+4+5 in one pass: {multi['seconds']:.1f} s vs block5 alone "
-          f"{pipe['seconds']:.1f} s: ratio {multi['seconds'] / pipe['seconds']:.3f} "
-          "(target <= 1.1)")
+    multi = run_child(
+        PIPELINE_CODE,
+        str(data),
+        str(work / "store345"),
+        "block3_pool,block4_pool,block5_pool",
+        size,
+        weights,
+    )
+    print(
+        f"block3+4+5 in one pass: {multi['seconds']:.1f} s vs block5 alone "
+        f"{pipe['seconds']:.1f} s: ratio {multi['seconds'] / pipe['seconds']:.3f} "
+        "(target <= 1.1)"
+    )
 
 
 if __name__ == "__main__":

@@ -46,16 +46,26 @@ def child(zarr_path: str, rows: int, scheduler: str, panel_mb: int, out: str) ->
         est.project(X)
         projected = time.perf_counter()
     np.save(out, est.explained_variance_ratio_)
-    print(json.dumps({"scheduler": scheduler, "panel_mb": panel_mb, "panel_rows": panel_rows,
-                      "fit_s": round(fitted - began, 1),
-                      "project_s": round(projected - fitted, 1),
-                      "peak_mb": round(_peak_rss_mb()), "k": int(est.n_components_)}))
+    print(
+        json.dumps(
+            {
+                "scheduler": scheduler,
+                "panel_mb": panel_mb,
+                "panel_rows": panel_rows,
+                "fit_s": round(fitted - began, 1),
+                "project_s": round(projected - fitted, 1),
+                "peak_mb": round(_peak_rss_mb()),
+                "k": int(est.n_components_),
+            }
+        )
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--zarr", required=True, help="a (n, d) float Zarr array, e.g. stored "
-                                                      "block3_pool features")
+    parser.add_argument(
+        "--zarr", required=True, help="a (n, d) float Zarr array, e.g. stored block3_pool features"
+    )
     parser.add_argument("--rows", type=int, default=1000)
     parser.add_argument("--schedulers", default="threads,cluster")
     parser.add_argument("--panel-mb", default="256")
@@ -71,10 +81,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="gram-fit-") as work:
         for scheduler, panel_mb in combinations:
             name, out = f"{scheduler}:{panel_mb}", Path(work) / f"{scheduler}-{panel_mb}.npy"
-            done = subprocess.run([sys.executable, "-m", "benchmarks.gram_fit", "--zarr",
-                                   args.zarr, "--rows", str(args.rows), "--child", name,
-                                   "--out", str(out)],
-                                  capture_output=True, text=True, check=True)
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "benchmarks.gram_fit",
+                    "--zarr",
+                    args.zarr,
+                    "--rows",
+                    str(args.rows),
+                    "--child",
+                    name,
+                    "--out",
+                    str(out),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             print(done.stdout.strip().splitlines()[-1], flush=True)
             ratios[name] = np.load(out)
     first = next(iter(ratios.values()))

@@ -33,9 +33,22 @@ import numpy as np
 STAGES = ("extract", "reduce", "classify", "done")
 CLASSIFIERS = ["logreg", "svm"]
 # Everything the pipeline imports that is slow to import, loaded once by the fork server.
-PRELOAD = ["tensorflow", "keras", "sklearn", "dask.array", "tasks.data.scan",
-           "tasks.features.extract", "tasks.data.splits", "tasks.reduce.stage", "tasks.features.store", "tasks.reduce.pca",
-           "tasks.classify.models", "tasks.runs.plots", "tasks.runs.report", "benchmarks.kill_loop"]
+PRELOAD = [
+    "tensorflow",
+    "keras",
+    "sklearn",
+    "dask.array",
+    "tasks.data.scan",
+    "tasks.features.extract",
+    "tasks.data.splits",
+    "tasks.reduce.stage",
+    "tasks.features.store",
+    "tasks.reduce.pca",
+    "tasks.classify.models",
+    "tasks.runs.plots",
+    "tasks.runs.report",
+    "benchmarks.kill_loop",
+]
 
 
 def pipeline(data: str, store_path: str, run_dir: str, stage_log: str) -> None:
@@ -60,15 +73,29 @@ def pipeline(data: str, store_path: str, run_dir: str, stage_log: str) -> None:
     reached("extract")
     manifest = scan(data)
     store = FeatureStore(store_path)
-    settings = ExtractSettings(backbone="vgg16", weights="none", layers=("block2_pool",),
-                               image_size=32, batch_size=4, chunk_mb=0.1)
+    settings = ExtractSettings(
+        backbone="vgg16",
+        weights="none",
+        layers=("block2_pool",),
+        image_size=32,
+        batch_size=4,
+        chunk_mb=0.1,
+    )
     key = extract(manifest, store, settings).feature_keys["block2_pool"]
     train, test = split_rows(manifest, "stratified", 0.25, 0)
     reached("reduce")
     reduction = reduce_cached(store, key, train)
     reached("classify")
-    classify_run(store, manifest, reduction, train, test, CLASSIFIERS, Path(run_dir),
-                 {"layer": "block2_pool"})
+    classify_run(
+        store,
+        manifest,
+        reduction,
+        train,
+        test,
+        CLASSIFIERS,
+        Path(run_dir),
+        {"layer": "block2_pool"},
+    )
     reached("done")
 
 
@@ -103,8 +130,10 @@ class Round:
         outcome = "identical" if self.identical else "DIFFERENT: " + "; ".join(self.problems)
         moment = f"{self.target}+{self.offset:.2f} s"
         landed = f"killed during {self.stage}" if self.killed else "had already finished"
-        return (f"round {self.index + 1:2d}: kill at {moment:17s} ({self.seconds:4.2f} s in): "
-                f"{landed:23s} resumed in {self.resume_seconds:3.1f} s -> {outcome}")
+        return (
+            f"round {self.index + 1:2d}: kill at {moment:17s} ({self.seconds:4.2f} s in): "
+            f"{landed:23s} resumed in {self.resume_seconds:3.1f} s -> {outcome}"
+        )
 
 
 @dataclass
@@ -129,8 +158,10 @@ class KillLoopResult:
 
     def summary(self) -> str:
         stages = ", ".join(s for s in STAGES if s in self.stages_killed) or "no stage"
-        return (f"{self.n_identical}/{len(self.rounds)} resumed runs identical to the "
-                f"uninterrupted one ({self.n_killed} killed mid-run, in {stages})")
+        return (
+            f"{self.n_identical}/{len(self.rounds)} resumed runs identical to the "
+            f"uninterrupted one ({self.n_killed} killed mid-run, in {stages})"
+        )
 
 
 @dataclass
@@ -152,22 +183,32 @@ def _logged_stages(stage_log: Path, started: float) -> list[tuple[str, float]]:
     return [(name, float(stamp) - started) for name, stamp in (line.split() for line in lines)]
 
 
-def _attempt(context: multiprocessing.context.ForkServerContext, data: Path, store: Path,
-             run_dir: Path, kill_at: tuple[str, float] | None = None) -> _Attempt:
+def _attempt(
+    context: multiprocessing.context.ForkServerContext,
+    data: Path,
+    store: Path,
+    run_dir: Path,
+    kill_at: tuple[str, float] | None = None,
+) -> _Attempt:
     """Run the pipeline in a forked process; SIGKILL it `kill_at` = (stage, seconds) into
     that stage if it is still alive then.
 
     Its stage log and output log lie next to its run folder: <run>.stages and <run>.log."""
     stage_log = run_dir.with_name(run_dir.name + ".stages")
     output_log = run_dir.with_name(run_dir.name + ".log")
-    process = context.Process(target=_in_child, args=(str(output_log), str(data), str(store),
-                                                      str(run_dir), str(stage_log)))
+    process = context.Process(
+        target=_in_child,
+        args=(str(output_log), str(data), str(store), str(run_dir), str(stage_log)),
+    )
     began, started = time.perf_counter(), time.time()
     process.start()
     if kill_at is not None:
         stage, offset = kill_at
-        while (stage != "start" and process.is_alive()
-               and stage not in dict(_logged_stages(stage_log, started))):
+        while (
+            stage != "start"
+            and process.is_alive()
+            and stage not in dict(_logged_stages(stage_log, started))
+        ):
             time.sleep(0.005)
         process.join(offset)
         process.kill()  # a no-op if it has already exited
@@ -253,8 +294,9 @@ def _kill_moments(rng: random.Random, rounds: int, reference: _Attempt) -> list[
     return moments
 
 
-def run_kill_loop(work: Path, rounds: int, seed: int,
-                  report: Callable[[str], None] = print) -> KillLoopResult:
+def run_kill_loop(
+    work: Path, rounds: int, seed: int, report: Callable[[str], None] = print
+) -> KillLoopResult:
     """Reference run, then `rounds` kill-and-resume rounds, each on its own store under `work`."""
     from tasks.runs.report import read_report
 
@@ -274,8 +316,10 @@ def run_kill_loop(work: Path, rounds: int, seed: int,
     reference = read_report(runs / "reference")
     ref_features, ref_projected = _store_state(work / "reference", reference)
     offsets = {name: round(seconds, 2) for name, seconds in ref.stages}
-    report(f"fork server ready in {server_seconds:.1f} s; reference run: {ref.seconds:.1f} s, "
-           f"stages entered at {offsets} s, accuracy {_accuracies(reference)}")
+    report(
+        f"fork server ready in {server_seconds:.1f} s; reference run: {ref.seconds:.1f} s, "
+        f"stages entered at {offsets} s, accuracy {_accuracies(reference)}"
+    )
 
     records = []
     for index, (target, offset) in enumerate(_kill_moments(random.Random(seed), rounds, ref)):
@@ -283,8 +327,15 @@ def run_kill_loop(work: Path, rounds: int, seed: int,
         killed = _attempt(context, data, store, killed_dir, (target, offset))
         resumed_dir = runs / f"round-{index}-resumed"
         resumed = _attempt(context, data, store, resumed_dir)
-        record = Round(index, target, offset, killed.seconds, killed.stage,
-                       killed.exitcode == -signal.SIGKILL, resumed.seconds)
+        record = Round(
+            index,
+            target,
+            offset,
+            killed.seconds,
+            killed.stage,
+            killed.exitcode == -signal.SIGKILL,
+            resumed.seconds,
+        )
         if killed.exitcode not in (0, -signal.SIGKILL):
             record.problems.append(f"killed attempt crashed: {killed.last_output}")
         if resumed.exitcode != 0:

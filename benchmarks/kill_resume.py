@@ -4,7 +4,8 @@ Each round starts the pipeline on a fresh store, kills it with SIGKILL after a r
 (anywhere from decoding to writing the report), runs it again to completion and compares the
 store and results with an uninterrupted reference run: features bit-identical, reduction
 within 1e-5, same accuracies, no half-written model accepted. The loop is
-benchmarks/kill_loop.py, the same one `make test` runs 20 rounds of (tests/flows/test_kill_resume.py).
+benchmarks/kill_loop.py, the same one `make test` runs 20 rounds of
+(tests/flows/test_kill_resume.py).
 
     .venv/bin/python -m benchmarks.kill_resume --rounds 20
 """

@@ -30,8 +30,13 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="fp-bench-workers-"))
     manifest = scan(image_folder(args.images, work))
-    settings = ExtractSettings(backbone="vgg16", weights="hed-vgg16", layers=(args.layer,),
-                               image_size=args.image_size, chunk_mb=1.0)
+    settings = ExtractSettings(
+        backbone="vgg16",
+        weights="hed-vgg16",
+        layers=(args.layer,),
+        image_size=args.image_size,
+        chunk_mb=1.0,
+    )
     print(f"{args.images} images, VGG16 {args.layer} {args.image_size}px; {work}")
     for workers in (1, args.workers):
         store = FeatureStore(str(work / f"store-{workers}"))
@@ -39,8 +44,11 @@ def main() -> None:
             began = time.perf_counter()
             result = extract(manifest, store, settings, client=client)
             seconds = time.perf_counter() - began
-        print(f"{workers} worker(s): {result.images_computed / seconds:6.2f} images/s "
-              f"({seconds:.1f} s including each worker building its backbone)", flush=True)
+        print(
+            f"{workers} worker(s): {result.images_computed / seconds:6.2f} images/s "
+            f"({seconds:.1f} s including each worker building its backbone)",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

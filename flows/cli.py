@@ -25,69 +25,127 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 # Our own progress lines (e.g. long PCA passes) go to the run's log and the console.
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "featurepipe")
 
-app = typer.Typer(help="featurepipe: CNN features -> Zarr store -> Dask PCA -> classifiers, "
-                       "orchestrated by Prefect.", no_args_is_help=True,
-                  pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="featurepipe: CNN features -> Zarr store -> Dask PCA -> classifiers, "
+    "orchestrated by Prefect.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 store_app = typer.Typer(help="Inspect and maintain the feature store.", no_args_is_help=True)
 runs_app = typer.Typer(help="List and compare classifier runs.", no_args_is_help=True)
 app.add_typer(store_app, name="store")
 app.add_typer(runs_app, name="runs")
-backbones_app = typer.Typer(help="List backbones and check their ImageNet weights offline.",
-                            no_args_is_help=True)
+backbones_app = typer.Typer(
+    help="List backbones and check their ImageNet weights offline.", no_args_is_help=True
+)
 app.add_typer(backbones_app, name="backbones")
 
-Data = Annotated[Path | None, typer.Option(help="Image folder: one sub-folder per class, "
-                                                "optionally inside train/ valid/ test/.")]
+Data = Annotated[
+    Path | None,
+    typer.Option(
+        help="Image folder: one sub-folder per class, optionally inside train/ valid/ test/."
+    ),
+]
 Store = Annotated[str | None, typer.Option(help="Feature store path (default featurepipe-store).")]
 Runs = Annotated[Path | None, typer.Option(help="Folder for run reports (default runs).")]
-Backbone = Annotated[str | None, typer.Option(help="vgg16, vgg19, resnet50, densenet169, "
-                                                   "inceptionv3, xception, mobilenetv2, "
-                                                   "efficientnetb0, efficientnet-lite0 "
-                                                   "(default vgg16).")]
-Layers = Annotated[str | None, typer.Option(help="Comma-separated cut layers, all extracted in "
-                                                 "one pass (default: the backbone's, e.g. "
-                                                 "block5_pool).")]
-Weights = Annotated[str | None, typer.Option(help="imagenet (download, cached), hed-vgg16 "
-                                                  "(offline), none, or a weights file path "
-                                                  "(default imagenet).")]
+Backbone = Annotated[
+    str | None,
+    typer.Option(
+        help="vgg16, vgg19, resnet50, densenet169, "
+        "inceptionv3, xception, mobilenetv2, "
+        "efficientnetb0, efficientnet-lite0 "
+        "(default vgg16)."
+    ),
+]
+Layers = Annotated[
+    str | None,
+    typer.Option(
+        help="Comma-separated cut layers, all extracted in "
+        "one pass (default: the backbone's, e.g. "
+        "block5_pool)."
+    ),
+]
+Weights = Annotated[
+    str | None,
+    typer.Option(
+        help="imagenet (download, cached), hed-vgg16 "
+        "(offline), none, or a weights file path "
+        "(default imagenet)."
+    ),
+]
 ImageSize = Annotated[int | None, typer.Option(help="Square input size (default: the backbone's).")]
 Pooling = Annotated[str | None, typer.Option(help="Global pooling of the cut: avg or max.")]
 Dtype = Annotated[str | None, typer.Option(help="float32 or float16 features (default float32).")]
 BatchSize = Annotated[int | None, typer.Option(help="Images per forward pass (default 16).")]
-Classifiers = Annotated[str | None, typer.Option(help="Comma list: svm, logreg, knn, dense256, "
-                                                      "dense64bn (default svm,logreg).")]
+Classifiers = Annotated[
+    str | None,
+    typer.Option(help="Comma list: svm, logreg, knn, dense256, dense64bn (default svm,logreg)."),
+]
 Limit = Annotated[int | None, typer.Option(help="Use at most N images per class.")]
-Variance = Annotated[float | None, typer.Option(help="PCA variance target in (0, 1] "
-                                                   "(default 0.8).")]
-Components = Annotated[int | None, typer.Option(help="Fixed number of PCA components, instead "
-                                                     "of the variance target.")]
+Variance = Annotated[
+    float | None, typer.Option(help="PCA variance target in (0, 1] (default 0.8).")
+]
+Components = Annotated[
+    int | None, typer.Option(help="Fixed number of PCA components, instead of the variance target.")
+]
 PcaMethod = Annotated[str | None, typer.Option(help="gram (exact), randomized, incremental.")]
-Split = Annotated[str | None, typer.Option(help="auto, stratified, grouped, folder "
-                                                "(default auto).")]
+Split = Annotated[
+    str | None, typer.Option(help="auto, stratified, grouped, folder (default auto).")
+]
 TestSize = Annotated[float | None, typer.Option(help="Test fraction (default 0.25).")]
-GroupRegex = Annotated[str | None, typer.Option(help="Regex on file names giving the group "
-                                                     "for --split grouped, e.g. '_(\\d+)_'.")]
-Seed = Annotated[int | None, typer.Option(help="Seed for splits, init and classifiers "
-                                               "(default 0).")]
+GroupRegex = Annotated[
+    str | None,
+    typer.Option(help="Regex on file names giving the group for --split grouped, e.g. '_(\\d+)_'."),
+]
+Seed = Annotated[
+    int | None, typer.Option(help="Seed for splits, init and classifiers (default 0).")
+]
 DaskAddress = Annotated[str | None, typer.Option(help="Existing Dask scheduler tcp://host:port.")]
-Workers = Annotated[int | None, typer.Option(help="Local Dask worker processes for extraction "
-                                                  "and PCA (default 1: no cluster, threads in "
-                                                  "this process).")]
+Workers = Annotated[
+    int | None,
+    typer.Option(
+        help="Local Dask worker processes for extraction "
+        "and PCA (default 1: no cluster, threads in "
+        "this process)."
+    ),
+]
 Config = Annotated[Path | None, typer.Option(help="YAML or TOML file of settings; flags win.")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")]
-Features = Annotated[str, typer.Option(help="Comma list of feature keys (or unique prefixes), "
-                                            "see `featurepipe store ls`.")]
+Features = Annotated[
+    str,
+    typer.Option(
+        help="Comma list of feature keys (or unique prefixes), see `featurepipe store ls`."
+    ),
+]
 Cron = Annotated[str, typer.Option(help="When the pipeline runs: cron, UTC (default 0 2 * * *).")]
 
 # Settings options, each given only when set (None = the config file's value or the default).
-REDUCE_OPTIONS = {"store": Store, "variance": Variance, "components": Components,
-                  "pca_method": PcaMethod, "split": Split, "test_size": TestSize,
-                  "group_regex": GroupRegex, "seed": Seed, "dask_address": DaskAddress,
-                  "workers": Workers, "config": Config}
+REDUCE_OPTIONS = {
+    "store": Store,
+    "variance": Variance,
+    "components": Components,
+    "pca_method": PcaMethod,
+    "split": Split,
+    "test_size": TestSize,
+    "group_regex": GroupRegex,
+    "seed": Seed,
+    "dask_address": DaskAddress,
+    "workers": Workers,
+    "config": Config,
+}
 CLASSIFY_OPTIONS = {"runs": Runs, "classifiers": Classifiers, **REDUCE_OPTIONS}
-PIPELINE_OPTIONS = {"data": Data, "backbone": Backbone, "layers": Layers, "weights": Weights,
-                    "image_size": ImageSize, "pooling": Pooling, "dtype": Dtype,
-                    "batch_size": BatchSize, "limit_per_class": Limit, **CLASSIFY_OPTIONS}
+PIPELINE_OPTIONS = {
+    "data": Data,
+    "backbone": Backbone,
+    "layers": Layers,
+    "weights": Weights,
+    "image_size": ImageSize,
+    "pooling": Pooling,
+    "dtype": Dtype,
+    "batch_size": BatchSize,
+    "limit_per_class": Limit,
+    **CLASSIFY_OPTIONS,
+}
 
 
 def _options(settings: dict[str, Any], **extra: tuple[Any, Any]) -> Callable[[Callable], Callable]:
@@ -95,10 +153,14 @@ def _options(settings: dict[str, Any], **extra: tuple[Any, Any]) -> Callable[[Ca
     (name=(annotation, default)). One table feeds run, extract, sweep, serve, classify and
     reduce, so their flags and --help cannot drift apart."""
     keyword = inspect.Parameter.KEYWORD_ONLY
-    params = [inspect.Parameter(name, keyword, annotation=kind, default=None)
-              for name, kind in settings.items()]
-    params += [inspect.Parameter(name, keyword, annotation=kind, default=default)
-               for name, (kind, default) in extra.items()]
+    params = [
+        inspect.Parameter(name, keyword, annotation=kind, default=None)
+        for name, kind in settings.items()
+    ]
+    params += [
+        inspect.Parameter(name, keyword, annotation=kind, default=default)
+        for name, (kind, default) in extra.items()
+    ]
 
     def declare(command: Callable) -> Callable:
         command.__signature__ = inspect.Signature(params)
@@ -125,8 +187,11 @@ def _guarded(action: Callable[[], None]) -> None:
             raise
         _fail(disk_full_message(error), 2)
     except KeyboardInterrupt:
-        _fail("interrupted. Everything finished before it is kept (feature chunks marked done, "
-              "reductions, runs with a report.json): run the same command again to resume.", 130)
+        _fail(
+            "interrupted. Everything finished before it is kept (feature chunks marked done, "
+            "reductions, runs with a report.json): run the same command again to resume.",
+            130,
+        )
 
 
 def _run_dir(runs: Path | None, run_id: str) -> Path:
@@ -154,23 +219,31 @@ def _print(summary: dict, as_json: bool, human: Callable[[dict], None]) -> None:
 
 
 def _print_run(summary: dict) -> None:
-    typer.echo(f"images: {summary['images_total']} used, {summary['images_computed']} computed, "
-               f"{summary['images_cached']} from cache, {summary['images_skipped']} skipped")
+    typer.echo(
+        f"images: {summary['images_total']} used, {summary['images_computed']} computed, "
+        f"{summary['images_cached']} from cache, {summary['images_skipped']} skipped"
+    )
     typer.echo(f"feature store: {summary['store']}")
     for layer, info in summary["layers"].items():
         scores = ", ".join(f"{name} {acc:.3f}" for name, acc in info["accuracy"].items())
-        typer.echo(f"{layer}: {info['n_components']} PCA components ({info['pca_method']}); "
-                   f"test accuracy: {scores}")
+        typer.echo(
+            f"{layer}: {info['n_components']} PCA components ({info['pca_method']}); "
+            f"test accuracy: {scores}"
+        )
         typer.echo(f"  report: {Path(info['run_dir']) / 'report.md'}")
-    typer.echo(f"Prefect flow run: {summary['flow_run_id']} (see it with `prefect server start`,"
-               " then the Runs page)")
+    typer.echo(
+        f"Prefect flow run: {summary['flow_run_id']} (see it with `prefect server start`,"
+        " then the Runs page)"
+    )
 
 
 def _print_sweep(summary: dict) -> None:
     _print_run(summary)
     for row in summary["sweep"]:
-        typer.echo(f"{row['layer']:>16} {row['classifier']:>10}  accuracy {row['accuracy']:.3f}"
-                   f"  macro-F1 {row['macro_f1']:.3f}  {row['n_components']} components")
+        typer.echo(
+            f"{row['layer']:>16} {row['classifier']:>10}  accuracy {row['accuracy']:.3f}"
+            f"  macro-F1 {row['macro_f1']:.3f}  {row['n_components']} components"
+        )
     typer.echo(f"table: {summary['sweep_files']['md']}")
 
 
@@ -194,27 +267,37 @@ def _pipeline_command(flow_name: str) -> Callable:
             elif flow_name == "sweep":
                 _print(pipeline.sweep_flow(settings), json_out, _print_sweep)
             else:
-                _print(pipeline.extract_flow(settings), json_out,
-                       lambda s: typer.echo(json.dumps(s, indent=2, default=str)))
+                _print(
+                    pipeline.extract_flow(settings),
+                    json_out,
+                    lambda s: typer.echo(json.dumps(s, indent=2, default=str)),
+                )
 
         _guarded(body)
 
     return command
 
 
-app.command("run", help="Scan, extract, reduce and classify: the whole pipeline. Cached "
-                        "features and reductions are reused.")(_pipeline_command("run"))
+app.command(
+    "run",
+    help="Scan, extract, reduce and classify: the whole pipeline. Cached "
+    "features and reductions are reused.",
+)(_pipeline_command("run"))
 app.command("extract", help="Scan the folder and fill the feature store only.")(
-    _pipeline_command("extract"))
-app.command("sweep", help="Extract several layers in one backbone pass, reduce and classify "
-                          "each, and write one comparison table (Markdown, CSV, bar chart).")(
-    _pipeline_command("sweep"))
+    _pipeline_command("extract")
+)
+app.command(
+    "sweep",
+    help="Extract several layers in one backbone pass, reduce and classify "
+    "each, and write one comparison table (Markdown, CSV, bar chart).",
+)(_pipeline_command("sweep"))
 
 
-@app.command(help="Re-run only scaling/PCA and the classifiers on stored features: never "
-                  "touches images or builds the backbone.")
-@_options(CLASSIFY_OPTIONS, features=(Features, inspect.Parameter.empty),
-          json_out=(JsonOut, False))
+@app.command(
+    help="Re-run only scaling/PCA and the classifiers on stored features: never "
+    "touches images or builds the backbone."
+)
+@_options(CLASSIFY_OPTIONS, features=(Features, inspect.Parameter.empty), json_out=(JsonOut, False))
 def classify(**flags: Any) -> None:
     features, json_out = flags.pop("features"), flags.pop("json_out")
 
@@ -228,8 +311,7 @@ def classify(**flags: Any) -> None:
 
 
 @app.command(help="Fit scaling + PCA on stored features (train rows only) and cache it.")
-@_options(REDUCE_OPTIONS, features=(Features, inspect.Parameter.empty),
-          json_out=(JsonOut, False))
+@_options(REDUCE_OPTIONS, features=(Features, inspect.Parameter.empty), json_out=(JsonOut, False))
 def reduce(**flags: Any) -> None:
     features, json_out = flags.pop("features"), flags.pop("json_out")
 
@@ -241,28 +323,45 @@ def reduce(**flags: Any) -> None:
         from tasks.features.store import FeatureStore
 
         full_key = FeatureStore(settings.store).find(key)[1]
-        _print(reduce_flow(settings, full_key), json_out,
-               lambda s: typer.echo(json.dumps(s, indent=2, default=str)))
+        _print(
+            reduce_flow(settings, full_key),
+            json_out,
+            lambda s: typer.echo(json.dumps(s, indent=2, default=str)),
+        )
 
     _guarded(body)
 
 
-@app.command(help="Predict new images with a finished run: same backbone, layer, scaling, "
-                  "PCA and model. Writes a CSV of file, predicted class and per-class scores.")
-def predict(run: Annotated[str, typer.Option(help="Run id (see `featurepipe runs ls`).")],
-            data: Annotated[Path, typer.Option(help="Folder of images (flat, or class "
-                                                    "sub-folders whose names are kept).")],
-            out: Annotated[Path, typer.Option(help="CSV to write.")] = Path("predictions.csv"),
-            classifier: Annotated[str | None, typer.Option(help="Classifier of the run "
-                                                                "(default: its best).")] = None,
-            store: Store = None, runs: Runs = None, json_out: JsonOut = False) -> None:
+@app.command(
+    help="Predict new images with a finished run: same backbone, layer, scaling, "
+    "PCA and model. Writes a CSV of file, predicted class and per-class scores."
+)
+def predict(
+    run: Annotated[str, typer.Option(help="Run id (see `featurepipe runs ls`).")],
+    data: Annotated[
+        Path,
+        typer.Option(help="Folder of images (flat, or class sub-folders whose names are kept)."),
+    ],
+    out: Annotated[Path, typer.Option(help="CSV to write.")] = Path("predictions.csv"),
+    classifier: Annotated[
+        str | None, typer.Option(help="Classifier of the run (default: its best).")
+    ] = None,
+    store: Store = None,
+    runs: Runs = None,
+    json_out: JsonOut = False,
+) -> None:
     def body() -> None:
         from flows.pipeline import predict_flow
 
         run_dir = _run_dir(runs, run)
         summary = predict_flow(run_dir, data, out, store or "featurepipe-store", classifier)
-        _print(summary, json_out, lambda s: typer.echo(
-            f"{s['predictions']} predictions ({s['classifier']}) written to {s['csv']}"))
+        _print(
+            summary,
+            json_out,
+            lambda s: typer.echo(
+                f"{s['predictions']} predictions ({s['classifier']}) written to {s['csv']}"
+            ),
+        )
 
     _guarded(body)
 
@@ -271,37 +370,58 @@ Float = Annotated[float | None, typer.Option()]
 Int = Annotated[int | None, typer.Option()]
 
 
-@app.command(help="Fine-tune a backbone end to end: new head with the base frozen, then the "
-                  "last layers unfrozen at a low learning rate, with augmentation, checkpoints "
-                  "and resume. Writes a run comparable in `featurepipe runs ls`.")
-def finetune(data: Data = None, runs: Runs = None,
-             resume: Annotated[str | None, typer.Option(
-                 help="Run id of an interrupted fine-tuning to continue.")] = None,
-             limit_per_class: Limit = None, split: Split = None, test_size: TestSize = None,
-             group_regex: GroupRegex = None, backbone: Backbone = None, weights: Weights = None,
-             image_size: ImageSize = None,
-             head: Annotated[str | None, typer.Option(
-                 help="Dense widths (default 512,64).")] = None,
-             dropout: Float = None,
-             batch_norm: Annotated[bool | None, typer.Option(
-                 "--batch-norm/--no-batch-norm", help="BatchNorm after pooling.")] = None,
-             optimizer: Annotated[str | None, typer.Option(
-                 help="adam, adamw, nadam, rmsprop, sgd (default adam).")] = None,
-             phase1_epochs: Int = None, phase1_learning_rate: Float = None,
-             phase2_epochs: Int = None, phase2_learning_rate: Float = None,
-             unfreeze_last: Annotated[int | None, typer.Option(
-                 help="Base layers trained in phase 2 (default 4).")] = None,
-             unfreeze_from: Annotated[str | None, typer.Option(
-                 help="Or: train every layer from this one.")] = None,
-             batch_size: BatchSize = None,
-             patience: Annotated[int | None, typer.Option(
-                 help="Early-stopping patience per phase (default 5).")] = None,
-             validation_fraction: Float = None,
-             flip: Annotated[str | None, typer.Option(
-                 help="none, horizontal, vertical, horizontal_and_vertical.")] = None,
-             rotation: Float = None, zoom: Float = None, translation: Float = None,
-             contrast: Float = None, seed: Seed = None, config: Config = None,
-             json_out: JsonOut = False) -> None:
+@app.command(
+    help="Fine-tune a backbone end to end: new head with the base frozen, then the "
+    "last layers unfrozen at a low learning rate, with augmentation, checkpoints "
+    "and resume. Writes a run comparable in `featurepipe runs ls`."
+)
+def finetune(
+    data: Data = None,
+    runs: Runs = None,
+    resume: Annotated[
+        str | None, typer.Option(help="Run id of an interrupted fine-tuning to continue.")
+    ] = None,
+    limit_per_class: Limit = None,
+    split: Split = None,
+    test_size: TestSize = None,
+    group_regex: GroupRegex = None,
+    backbone: Backbone = None,
+    weights: Weights = None,
+    image_size: ImageSize = None,
+    head: Annotated[str | None, typer.Option(help="Dense widths (default 512,64).")] = None,
+    dropout: Float = None,
+    batch_norm: Annotated[
+        bool | None, typer.Option("--batch-norm/--no-batch-norm", help="BatchNorm after pooling.")
+    ] = None,
+    optimizer: Annotated[
+        str | None, typer.Option(help="adam, adamw, nadam, rmsprop, sgd (default adam).")
+    ] = None,
+    phase1_epochs: Int = None,
+    phase1_learning_rate: Float = None,
+    phase2_epochs: Int = None,
+    phase2_learning_rate: Float = None,
+    unfreeze_last: Annotated[
+        int | None, typer.Option(help="Base layers trained in phase 2 (default 4).")
+    ] = None,
+    unfreeze_from: Annotated[
+        str | None, typer.Option(help="Or: train every layer from this one.")
+    ] = None,
+    batch_size: BatchSize = None,
+    patience: Annotated[
+        int | None, typer.Option(help="Early-stopping patience per phase (default 5).")
+    ] = None,
+    validation_fraction: Float = None,
+    flip: Annotated[
+        str | None, typer.Option(help="none, horizontal, vertical, horizontal_and_vertical.")
+    ] = None,
+    rotation: Float = None,
+    zoom: Float = None,
+    translation: Float = None,
+    contrast: Float = None,
+    seed: Seed = None,
+    config: Config = None,
+    json_out: JsonOut = False,
+) -> None:
     flags = {k: v for k, v in locals().items() if k != "json_out"}
 
     def body() -> None:
@@ -310,31 +430,47 @@ def finetune(data: Data = None, runs: Runs = None,
 
         config_file = flags.pop("config")
         settings = load_settings(config_file, model=FinetuneFlowSettings, **flags)
-        _print(finetune_flow(settings), json_out, lambda s: typer.echo(
-            f"fine-tuned {s['epochs_run']} epochs (best {s['best_epoch']}): test accuracy "
-            f"{s['accuracy']:.3f}; report: {Path(s['run_dir']) / 'report.md'}"))
+        _print(
+            finetune_flow(settings),
+            json_out,
+            lambda s: typer.echo(
+                f"fine-tuned {s['epochs_run']} epochs (best {s['best_epoch']}): test accuracy "
+                f"{s['accuracy']:.3f}; report: {Path(s['run_dir']) / 'report.md'}"
+            ),
+        )
 
     _guarded(body)
 
 
-@app.command(help="Write the digits demo set to data/demo and run the pipeline on it "
-                  "(VGG16, offline hed-vgg16 weights, 48px).")
+@app.command(
+    help="Write the digits demo set to data/demo and run the pipeline on it "
+    "(VGG16, offline hed-vgg16 weights, 48px)."
+)
 def demo(store: Store = None, runs: Runs = None, json_out: JsonOut = False) -> None:
     def body() -> None:
         from flows.pipeline import pipeline_flow
         from tasks.data.demo import write_digits
 
         folder = write_digits(Path("data/demo/digits"))
-        settings = _settings(data=folder, store=store or "data/stores/demo", runs=runs,
-                             backbone="vgg16", weights="hed-vgg16", image_size=48,
-                             layers=["block4_pool"], pooling=None)
+        settings = _settings(
+            data=folder,
+            store=store or "data/stores/demo",
+            runs=runs,
+            backbone="vgg16",
+            weights="hed-vgg16",
+            image_size=48,
+            layers=["block4_pool"],
+            pooling=None,
+        )
         _print(pipeline_flow(settings), json_out, _print_run)
 
     _guarded(body)
 
 
-@app.command(help="Serve the pipeline on a cron schedule and the classify flow on demand from "
-                  "this process (no work pool or worker); Ctrl-C stops and pauses them.")
+@app.command(
+    help="Serve the pipeline on a cron schedule and the classify flow on demand from "
+    "this process (no work pool or worker); Ctrl-C stops and pauses them."
+)
 @_options(PIPELINE_OPTIONS, cron=(Cron, "0 2 * * *"))
 def serve(**flags: Any) -> None:
     cron = flags.pop("cron")
@@ -354,22 +490,33 @@ def store_ls(store: Store = None, json_out: JsonOut = False) -> None:
 
         feature_store = FeatureStore(store or "featurepipe-store")
         rows = [a.summary() for a in feature_store.feature_arrays()]
-        rows += [{"key": key, "kind": "reduced", "feature_key": attrs.get("feature_key"),
-                  "n_components": attrs.get("n_components"), "method": attrs.get("method"),
-                  "complete": attrs.get("complete")}
-                 for key, attrs in feature_store.reductions()]
+        rows += [
+            {
+                "key": key,
+                "kind": "reduced",
+                "feature_key": attrs.get("feature_key"),
+                "n_components": attrs.get("n_components"),
+                "method": attrs.get("method"),
+                "complete": attrs.get("complete"),
+            }
+            for key, attrs in feature_store.reductions()
+        ]
         if json_out:
             _print({"store": feature_store.location, "arrays": rows}, True, print)
             return
         for row in rows:
             if row["kind"] == "features":
-                typer.echo(f"features {row['key']}  {row['backbone']}/{row['layer']} "
-                           f"{row['image_size']}px {row['weights']}  shape {row['shape']} "
-                           f"{row['dtype']}  {row['stored_bytes'] / 1e6:.1f} MB  "
-                           f"chunks {row['chunks_done']}/{row['chunks_total']}")
+                typer.echo(
+                    f"features {row['key']}  {row['backbone']}/{row['layer']} "
+                    f"{row['image_size']}px {row['weights']}  shape {row['shape']} "
+                    f"{row['dtype']}  {row['stored_bytes'] / 1e6:.1f} MB  "
+                    f"chunks {row['chunks_done']}/{row['chunks_total']}"
+                )
             else:
-                typer.echo(f"reduced  {row['key']}  from {row['feature_key']}  "
-                           f"{row['n_components']} components ({row['method']})")
+                typer.echo(
+                    f"reduced  {row['key']}  from {row['feature_key']}  "
+                    f"{row['n_components']} components ({row['method']})"
+                )
         if not rows:
             typer.echo(f"{feature_store.location}: empty")
 
@@ -393,8 +540,11 @@ def store_info(key: str, store: Store = None) -> None:
     _guarded(body)
 
 
-@store_app.command("verify", help="Read every chunk back; report missing or unreadable ones. "
-                                  "--repair forgets bad chunks so the next extract redoes them.")
+@store_app.command(
+    "verify",
+    help="Read every chunk back; report missing or unreadable ones. "
+    "--repair forgets bad chunks so the next extract redoes them.",
+)
 def store_verify(store: Store = None, repair: bool = False, json_out: JsonOut = False) -> None:
     def body() -> None:
         from tasks.features.store import FeatureStore
@@ -467,20 +617,36 @@ def runs_show(run_id: str, runs: Runs = None) -> None:
     _guarded(body)
 
 
-@backbones_app.command("ls", help="Backbones with default size, default cut layer and weight "
-                                   "options; --cut-points NAME lists every cut layer of one.")
-def backbones_ls(cut_points: Annotated[str | None, typer.Option(
-        help="Backbone whose cut layers to list (builds it with random weights).")] = None,
-                 json_out: JsonOut = False) -> None:
+@backbones_app.command(
+    "ls",
+    help="Backbones with default size, default cut layer and weight "
+    "options; --cut-points NAME lists every cut layer of one.",
+)
+def backbones_ls(
+    cut_points: Annotated[
+        str | None,
+        typer.Option(help="Backbone whose cut layers to list (builds it with random weights)."),
+    ] = None,
+    json_out: JsonOut = False,
+) -> None:
     def body() -> None:
         from tasks.backbones.registry import BACKBONES, build_base, get_spec, resolve_weights
         from tasks.backbones.registry import cut_points as cuts
 
-        rows = [{"name": spec.name, "default_size": spec.default_size,
-                 "default_layer": spec.default_layer,
-                 "weights": ["imagenet" + (" (offline)" if spec.imagenet_file else ""),
-                             *spec.offline_weights, "none", "PATH"]}
-                for spec in BACKBONES.values()]
+        rows = [
+            {
+                "name": spec.name,
+                "default_size": spec.default_size,
+                "default_layer": spec.default_layer,
+                "weights": [
+                    "imagenet" + (" (offline)" if spec.imagenet_file else ""),
+                    *spec.offline_weights,
+                    "none",
+                    "PATH",
+                ],
+            }
+            for spec in BACKBONES.values()
+        ]
         if cut_points:
             spec = get_spec(cut_points)
             model = build_base(spec, resolve_weights(spec, "none"), spec.default_size)
@@ -492,14 +658,19 @@ def backbones_ls(cut_points: Annotated[str | None, typer.Option(
             if "cut_points" in row:
                 typer.echo(f"{row['name']} cut points: {', '.join(row['cut_points'])}")
             else:
-                typer.echo(f"{row['name']:<18} {row['default_size']:>4}px  layer "
-                           f"{row['default_layer']:<22} weights: {', '.join(row['weights'])}")
+                typer.echo(
+                    f"{row['name']:<18} {row['default_size']:>4}px  layer "
+                    f"{row['default_layer']:<22} weights: {', '.join(row['weights'])}"
+                )
 
     _guarded(body)
 
 
-@backbones_app.command("check", help="Run the backbone's ImageNet head on photos shipped with "
-                                      "scikit-image and print the top-5 classes by name.")
+@backbones_app.command(
+    "check",
+    help="Run the backbone's ImageNet head on photos shipped with "
+    "scikit-image and print the top-5 classes by name.",
+)
 def backbones_check(name: str, weights: Weights = None, json_out: JsonOut = False) -> None:
     def body() -> None:
         from tasks.backbones.check import top5_on_photos
@@ -512,8 +683,15 @@ def backbones_check(name: str, weights: Weights = None, json_out: JsonOut = Fals
         model = build_base(spec, choice, spec.default_size, include_top=True)
         results = top5_on_photos(model, load_preprocess(spec), spec.default_size)
         if json_out:
-            _print({"backbone": spec.name, "weights": choice.identity,
-                    "photos": {photo: top for photo, top in results}}, True, print)
+            _print(
+                {
+                    "backbone": spec.name,
+                    "weights": choice.identity,
+                    "photos": {photo: top for photo, top in results},
+                },
+                True,
+                print,
+            )
             return
         for photo, top in results:
             typer.echo(f"{photo}: " + ", ".join(f"{label} {p:.2f}" for label, p in top))
@@ -535,8 +713,13 @@ class _NoUserErrorTraceback(logging.Filter):
 def main() -> None:
     """Console-script entry point."""
     # Dask's scheduler and nanny narrate every connection at INFO; keep only problems.
-    for name in ("distributed", "distributed.scheduler", "distributed.nanny", "distributed.core",
-                 "distributed.http.proxy"):
+    for name in (
+        "distributed",
+        "distributed.scheduler",
+        "distributed.nanny",
+        "distributed.core",
+        "distributed.http.proxy",
+    ):
         logging.getLogger(name).setLevel(logging.WARNING)
     for name in ("prefect.task_runs", "prefect.flow_runs", "prefect.engine"):
         logging.getLogger(name).addFilter(_NoUserErrorTraceback())

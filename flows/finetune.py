@@ -52,11 +52,15 @@ class FinetuneFlowSettings(BackboneChoice):
 
     model_config = ConfigDict(extra="forbid")
 
-    data: Path | None = Field(None, description="Image folder: one sub-folder per class "
-                                                "(optionally inside train/ valid/ test/)")
+    data: Path | None = Field(
+        None,
+        description="Image folder: one sub-folder per class "
+        "(optionally inside train/ valid/ test/)",
+    )
     runs: Path = Field(Path("runs"), description="Folder that receives one folder per run")
-    resume: str | None = Field(None, description="Run id of an interrupted fine-tuning to "
-                                                 "continue with its saved settings")
+    resume: str | None = Field(
+        None, description="Run id of an interrupted fine-tuning to continue with its saved settings"
+    )
     limit_per_class: int | None = Field(None, ge=1)
     split: Literal["auto", "stratified", "grouped", "folder"] = "auto"
     test_size: float = Field(0.25, gt=0.0, lt=1.0)
@@ -65,10 +69,14 @@ class FinetuneFlowSettings(BackboneChoice):
     weights: str = Field("imagenet", description="imagenet, hed-vgg16, none, or a weights file")
     image_size: int | None = Field(None, ge=8, le=1024)
     head: Annotated[list[Annotated[int, Field(ge=1)]], BeforeValidator(_widths)] = Field(
-        default_factory=lambda: [512, 64], description="Dense(relu) widths of the head")
+        default_factory=lambda: [512, 64], description="Dense(relu) widths of the head"
+    )
     dropout: float = Field(0.3, ge=0.0, lt=1.0)
-    batch_norm: bool = Field(False, description="BatchNormalization after pooling (helps with "
-                                                "unnormalised features, e.g. hed-vgg16)")
+    batch_norm: bool = Field(
+        False,
+        description="BatchNormalization after pooling (helps with "
+        "unnormalised features, e.g. hed-vgg16)",
+    )
     optimizer: Literal[OPTIMIZERS] = "adam"
     phase1_epochs: int = Field(10, ge=0, description="Epochs with the base frozen")
     phase1_learning_rate: float = Field(1e-3, gt=0.0)
@@ -116,8 +124,10 @@ def resolve_run(settings: FinetuneFlowSettings) -> tuple[FinetuneFlowSettings, P
     run_dir = settings.runs / settings.resume
     state = read_state(run_dir)
     if (run_dir / REPORT_JSON).exists() or state is None:
-        raise SettingsError(f"{run_dir} is not an interrupted fine-tuning run: "
-                            f"{'it has finished' if state else 'no checkpoint state in it'}")
+        raise SettingsError(
+            f"{run_dir} is not an interrupted fine-tuning run: "
+            f"{'it has finished' if state else 'no checkpoint state in it'}"
+        )
     saved = {k: v for k, v in state.run_settings.items() if k in type(settings).model_fields}
     merged = FinetuneFlowSettings(**{**saved, "resume": settings.resume, "runs": settings.runs})
     given = settings.model_fields_set - {"resume", "runs"}
@@ -136,21 +146,42 @@ class _EpochProgress:
 
     def __call__(self, entry: EpochLog) -> None:
         scores = ", ".join(f"{key} {value:.4f}" for key, value in entry.metrics.items())
-        self.logger.info("phase %d epoch %d/%d: %s (%.1f s)", entry.phase, entry.epoch,
-                         entry.epochs_planned, scores, entry.seconds)
-        update_progress_artifact(self.artifact_id, 100.0 * entry.epoch / entry.epochs_planned,
-                                 description=f"fine-tuning: epoch {entry.epoch} "
-                                             f"(phase {entry.phase}) val_loss "
-                                             f"{entry.metrics.get('val_loss', float('nan')):.4f}")
+        self.logger.info(
+            "phase %d epoch %d/%d: %s (%.1f s)",
+            entry.phase,
+            entry.epoch,
+            entry.epochs_planned,
+            scores,
+            entry.seconds,
+        )
+        update_progress_artifact(
+            self.artifact_id,
+            100.0 * entry.epoch / entry.epochs_planned,
+            description=f"fine-tuning: epoch {entry.epoch} "
+            f"(phase {entry.phase}) val_loss "
+            f"{entry.metrics.get('val_loss', float('nan')):.4f}",
+        )
 
 
 @task(name="finetune", cache_policy=NO_CACHE, task_run_name="finetune-{settings.backbone}")
-def finetune_task(manifest: Manifest, train_rows: np.ndarray, test_rows: np.ndarray,
-                  settings: FinetuneFlowSettings, run_dir: Path) -> dict:
+def finetune_task(
+    manifest: Manifest,
+    train_rows: np.ndarray,
+    test_rows: np.ndarray,
+    settings: FinetuneFlowSettings,
+    run_dir: Path,
+) -> dict:
     extras = {"skipped": [asdict(s) for s in manifest.skipped]}
-    report = run_finetune(manifest, train_rows, test_rows, settings.finetune_settings(), run_dir,
-                          run_settings=settings.run_settings(), extras=extras,
-                          on_epoch=_EpochProgress())
+    report = run_finetune(
+        manifest,
+        train_rows,
+        test_rows,
+        settings.finetune_settings(),
+        run_dir,
+        run_settings=settings.run_settings(),
+        extras=extras,
+        on_epoch=_EpochProgress(),
+    )
     create_table_artifact(metrics_table(report), description="fine-tuning metrics")
     create_markdown_artifact(run_summary_markdown(report), description="fine-tuning report")
     create_link_artifact(run_dir.resolve().as_uri(), link_text=f"run folder {run_dir.name}")
@@ -163,16 +194,22 @@ def finetune_flow(settings: FinetuneFlowSettings) -> dict:
     began = time.perf_counter()
     settings, run_dir = resolve_run(settings)
     manifest = scan_task(settings.data, settings.limit_per_class)
-    train, test = split_rows(manifest, settings.split, settings.test_size, settings.seed,
-                             settings.group_regex)
+    train, test = split_rows(
+        manifest, settings.split, settings.test_size, settings.seed, settings.group_regex
+    )
     report = finetune_task(manifest, train, test, settings, run_dir)
     entry = report["classifiers"]["finetune"]
-    return {"run_id": run_dir.name, "run_dir": str(run_dir),
-            "accuracy": entry["metrics"]["accuracy"],
-            "epochs_run": entry["best_params"]["epochs_run"],
-            "best_epoch": entry["best_params"]["best_epoch"],
-            "resumes": report["extras"]["resumes"],
-            "train_seconds": report["extras"]["train_seconds"],
-            "seconds": time.perf_counter() - began, "class_names": manifest.class_names,
-            "images_total": len(manifest.records), "images_skipped": len(manifest.skipped),
-            "flow_run_id": str(flow_run.id)}
+    return {
+        "run_id": run_dir.name,
+        "run_dir": str(run_dir),
+        "accuracy": entry["metrics"]["accuracy"],
+        "epochs_run": entry["best_params"]["epochs_run"],
+        "best_epoch": entry["best_params"]["best_epoch"],
+        "resumes": report["extras"]["resumes"],
+        "train_seconds": report["extras"]["train_seconds"],
+        "seconds": time.perf_counter() - began,
+        "class_names": manifest.class_names,
+        "images_total": len(manifest.records),
+        "images_skipped": len(manifest.skipped),
+        "flow_run_id": str(flow_run.id),
+    }

@@ -42,8 +42,11 @@ def transient_io_failure(task: Task, task_run: TaskRun, state: State) -> bool:
 logging.getLogger("featurepipe").setLevel(logging.INFO)
 
 # Backoff between attempts; extraction resumes from its finished chunks on every retry.
-IO_RETRIES = {"retries": 2, "retry_delay_seconds": [10, 60],
-              "retry_condition_fn": transient_io_failure}
+IO_RETRIES = {
+    "retries": 2,
+    "retry_delay_seconds": [10, 60],
+    "retry_condition_fn": transient_io_failure,
+}
 
 
 def _run_name() -> str:
@@ -64,8 +67,13 @@ def _classify_run_name() -> str:
 def scan_task(data: Path, limit_per_class: int | None) -> Manifest:
     manifest = scan(data, limit_per_class)
     logger = get_run_logger()
-    logger.info("scanned %s: %d images, %d classes, %d skipped", data, len(manifest.records),
-                len(manifest.class_names), len(manifest.skipped))
+    logger.info(
+        "scanned %s: %d images, %d classes, %d skipped",
+        data,
+        len(manifest.records),
+        len(manifest.class_names),
+        len(manifest.skipped),
+    )
     for warning in manifest.warnings:
         logger.warning(warning)
     return manifest
@@ -74,8 +82,10 @@ def scan_task(data: Path, limit_per_class: int | None) -> Manifest:
 def _require_classes(manifest: Manifest) -> None:
     """Fail before the (long) extraction when no classifier could be trained afterwards."""
     if len(manifest.class_names) < 2:
-        raise UserError(f"classifiers need at least 2 classes; {manifest.root} has "
-                        f"{len(manifest.class_names)} ({', '.join(manifest.class_names)})")
+        raise UserError(
+            f"classifiers need at least 2 classes; {manifest.root} has "
+            f"{len(manifest.class_names)} ({', '.join(manifest.class_names)})"
+        )
 
 
 def _scales_out(settings: PipelineSettings) -> bool:
@@ -87,8 +97,13 @@ def _scales_out(settings: PipelineSettings) -> bool:
 
 
 # tag "backbone": `prefect concurrency-limit create backbone 1` serialises backbone passes
-@task(name="extract", cache_policy=NO_CACHE, **IO_RETRIES,
-      task_run_name="extract-{settings.backbone}", tags=["backbone"])
+@task(
+    name="extract",
+    cache_policy=NO_CACHE,
+    **IO_RETRIES,
+    task_run_name="extract-{settings.backbone}",
+    tags=["backbone"],
+)
 def extract_task(manifest: Manifest, settings: PipelineSettings) -> ExtractResult:
     from tasks.cluster import dask_client
 
@@ -96,47 +111,87 @@ def extract_task(manifest: Manifest, settings: PipelineSettings) -> ExtractResul
     logger = get_run_logger()
     progress = ExtractProgress(f"extract {settings.backbone}")
     with progress, contextlib.ExitStack() as stack:
-        client = (stack.enter_context(dask_client(settings.dask_address, settings.workers, 1))
-                  if _scales_out(settings) else None)
-        result = extract(manifest, store, settings.extract_settings(), progress,
-                         on_wait=lambda: logger.info("waiting for another run extracting the "
-                                                     "same features into this store"),
-                         client=client)
-    logger.info("features: %d computed, %d cached (%.1f s)", result.images_computed,
-                result.images_cached, result.seconds)
+        client = (
+            stack.enter_context(dask_client(settings.dask_address, settings.workers, 1))
+            if _scales_out(settings)
+            else None
+        )
+        result = extract(
+            manifest,
+            store,
+            settings.extract_settings(),
+            progress,
+            on_wait=lambda: logger.info(
+                "waiting for another run extracting the same features into this store"
+            ),
+            client=client,
+        )
+    logger.info(
+        "features: %d computed, %d cached (%.1f s)",
+        result.images_computed,
+        result.images_cached,
+        result.seconds,
+    )
     return result
 
 
 @task(name="reduce", cache_policy=NO_CACHE, **IO_RETRIES, task_run_name="reduce-{layer}")
-def reduce_task(settings: PipelineSettings, layer: str, feature_key: str,
-                train_rows: np.ndarray) -> ReduceOutcome:
+def reduce_task(
+    settings: PipelineSettings, layer: str, feature_key: str, train_rows: np.ndarray
+) -> ReduceOutcome:
     from tasks.cluster import dask_client
 
     store = FeatureStore(settings.store)
     outcome = cached_reduction(store, feature_key, train_rows, settings.pca_settings())
     if outcome is None:  # start a cluster only when there is something to fit
-        with (dask_client(settings.dask_address, settings.workers) if _scales_out(settings)
-              else contextlib.nullcontext()):
+        with (
+            dask_client(settings.dask_address, settings.workers)
+            if _scales_out(settings)
+            else contextlib.nullcontext()
+        ):
             outcome = reduce_cached(store, feature_key, train_rows, settings.pca_settings())
-    get_run_logger().info("%s: %d components (%s, %s)", layer, outcome.n_components,
-                          outcome.method, "cached" if outcome.cached else "fitted")
+    get_run_logger().info(
+        "%s: %d components (%s, %s)",
+        layer,
+        outcome.n_components,
+        outcome.method,
+        "cached" if outcome.cached else "fitted",
+    )
     return outcome
 
 
 @task(name="classify", cache_policy=NO_CACHE, **IO_RETRIES, task_run_name="classify-{layer}")
-def classify_task(settings: PipelineSettings, layer: str, manifest: Manifest,
-                  reduction: ReduceOutcome, train_rows: np.ndarray, test_rows: np.ndarray,
-                  extras: dict) -> dict:
+def classify_task(
+    settings: PipelineSettings,
+    layer: str,
+    manifest: Manifest,
+    reduction: ReduceOutcome,
+    train_rows: np.ndarray,
+    test_rows: np.ndarray,
+    extras: dict,
+) -> dict:
     from tasks.runs.report import metrics_table, new_run_id, run_summary_markdown
 
     run_id = new_run_id()
     run_dir = Path(settings.runs) / run_id
-    run_settings = {**settings.model_dump(mode="json"), "layer": layer,
-                    "dataset": str(settings.data or manifest.root)}
-    report = classify_run(FeatureStore(settings.store), manifest, reduction, train_rows,
-                          test_rows, settings.classifiers, run_dir, run_settings,
-                          seed=settings.seed, extras=extras,
-                          options=settings.classifier_options)
+    run_settings = {
+        **settings.model_dump(mode="json"),
+        "layer": layer,
+        "dataset": str(settings.data or manifest.root),
+    }
+    report = classify_run(
+        FeatureStore(settings.store),
+        manifest,
+        reduction,
+        train_rows,
+        test_rows,
+        settings.classifiers,
+        run_dir,
+        run_settings,
+        seed=settings.seed,
+        extras=extras,
+        options=settings.classifier_options,
+    )
     create_table_artifact(metrics_table(report), description=f"metrics {layer}")
     create_markdown_artifact(run_summary_markdown(report), description=f"report {layer}")
     create_link_artifact(run_dir.resolve().as_uri(), link_text=f"run folder {run_id}")
@@ -144,43 +199,61 @@ def classify_task(settings: PipelineSettings, layer: str, manifest: Manifest,
 
 
 def _accuracy(report: dict) -> dict[str, float]:
-    return {name: result["metrics"]["accuracy"]
-            for name, result in report["classifiers"].items()}
+    return {name: result["metrics"]["accuracy"] for name, result in report["classifiers"].items()}
 
 
-def _reduce_and_classify(settings: PipelineSettings, manifest: Manifest,
-                         feature_keys: dict[str, str], extras: dict) -> dict[str, dict]:
+def _reduce_and_classify(
+    settings: PipelineSettings, manifest: Manifest, feature_keys: dict[str, str], extras: dict
+) -> dict[str, dict]:
     """Per layer: split, reduce (cached by key), classify; the part shared by all flows."""
-    train, test = split_rows(manifest, settings.split, settings.test_size, settings.seed,
-                             settings.group_regex)
+    train, test = split_rows(
+        manifest, settings.split, settings.test_size, settings.seed, settings.group_regex
+    )
     layers = {}
     for layer, feature_key in feature_keys.items():
         reduction = reduce_task(settings, layer, feature_key, train)
         run = classify_task(settings, layer, manifest, reduction, train, test, extras)
-        layers[layer] = {"feature_key": feature_key, "reduce_key": reduction.key,
-                         "n_components": reduction.n_components, "pca_method": reduction.method,
-                         "reduce_cached": reduction.cached,
-                         "reduce_seconds": reduction.seconds,
-                         "run_id": run["run_id"], "run_dir": run["run_dir"],
-                         "accuracy": _accuracy(run["report"])}
+        layers[layer] = {
+            "feature_key": feature_key,
+            "reduce_key": reduction.key,
+            "n_components": reduction.n_components,
+            "pca_method": reduction.method,
+            "reduce_cached": reduction.cached,
+            "reduce_seconds": reduction.seconds,
+            "run_id": run["run_id"],
+            "run_dir": run["run_dir"],
+            "accuracy": _accuracy(run["report"]),
+        }
     return layers
 
 
-def _summary(settings: PipelineSettings, manifest: Manifest, layers: dict[str, dict],
-             extracted: ExtractResult | None) -> dict:
+def _summary(
+    settings: PipelineSettings,
+    manifest: Manifest,
+    layers: dict[str, dict],
+    extracted: ExtractResult | None,
+) -> dict:
     first = next(iter(layers.values()))
     total = len(manifest.records)
-    return {"images_total": total,
-            "images_computed": extracted.images_computed if extracted else 0,
-            "images_cached": extracted.images_cached if extracted else total,
-            "images_skipped": len(manifest.skipped),
-            "skipped": [asdict(s) for s in manifest.skipped], "store": redact(settings.store),
-            "manifest_key": manifest.key, "class_names": manifest.class_names,
-            "warnings": manifest.warnings, "run_id": first["run_id"], "run_dir": first["run_dir"],
-            "n_components": first["n_components"], "accuracy": first["accuracy"],
-            "layers": layers, "flow_run_id": str(flow_run.id),
-            "extract_seconds": extracted.seconds if extracted else 0.0,
-            "images_per_second": extracted.images_per_second if extracted else None}
+    return {
+        "images_total": total,
+        "images_computed": extracted.images_computed if extracted else 0,
+        "images_cached": extracted.images_cached if extracted else total,
+        "images_skipped": len(manifest.skipped),
+        "skipped": [asdict(s) for s in manifest.skipped],
+        "store": redact(settings.store),
+        "manifest_key": manifest.key,
+        "class_names": manifest.class_names,
+        "warnings": manifest.warnings,
+        "run_id": first["run_id"],
+        "run_dir": first["run_dir"],
+        "n_components": first["n_components"],
+        "accuracy": first["accuracy"],
+        "layers": layers,
+        "flow_run_id": str(flow_run.id),
+        "extract_seconds": extracted.seconds if extracted else 0.0,
+        "images_per_second": extracted.images_per_second if extracted else None,
+    }
 
 
 @flow(name="extract", flow_run_name=_run_name)
@@ -188,9 +261,14 @@ def extract_flow(settings: PipelineSettings) -> dict:
     """Scan the image folder and fill the feature store (one backbone pass for all layers)."""
     manifest = scan_task(settings.data, settings.limit_per_class)
     extracted = extract_task(manifest, settings)
-    return {**asdict(extracted), "store": redact(settings.store), "manifest_key": manifest.key,
-            "images_skipped": len(manifest.skipped),
-            "skipped": [asdict(s) for s in manifest.skipped], "flow_run_id": str(flow_run.id)}
+    return {
+        **asdict(extracted),
+        "store": redact(settings.store),
+        "manifest_key": manifest.key,
+        "images_skipped": len(manifest.skipped),
+        "skipped": [asdict(s) for s in manifest.skipped],
+        "flow_run_id": str(flow_run.id),
+    }
 
 
 @flow(name="reduce", flow_run_name=_run_name)
@@ -198,8 +276,9 @@ def reduce_flow(settings: PipelineSettings, feature_key: str) -> dict:
     """Fit scaling + PCA on the train rows of stored features; no images, no backbone."""
     store = FeatureStore(settings.store)
     manifest = store.manifest_for(feature_key)
-    train, _ = split_rows(manifest, settings.split, settings.test_size, settings.seed,
-                          settings.group_regex)
+    train, _ = split_rows(
+        manifest, settings.split, settings.test_size, settings.seed, settings.group_regex
+    )
     return asdict(reduce_task(settings, "features", feature_key, train))
 
 
@@ -222,9 +301,12 @@ def pipeline_flow(settings: PipelineSettings) -> dict:
     manifest = scan_task(settings.data, settings.limit_per_class)
     _require_classes(manifest)
     extracted = extract_task(manifest, settings)
-    extras = {"warnings": manifest.warnings,"skipped": [asdict(s) for s in manifest.skipped],
-              "extract_seconds": extracted.seconds,
-              "images_per_second": extracted.images_per_second}
+    extras = {
+        "warnings": manifest.warnings,
+        "skipped": [asdict(s) for s in manifest.skipped],
+        "extract_seconds": extracted.seconds,
+        "images_per_second": extracted.images_per_second,
+    }
     layers = _reduce_and_classify(settings, manifest, extracted.feature_keys, extras)
     for layer, info in layers.items():
         info["n_features"] = extracted.n_features.get(layer)
@@ -239,24 +321,35 @@ def sweep_flow(settings: PipelineSettings) -> dict:
     from tasks.runs.sweep import sweep_rows, write_sweep
 
     summary = pipeline_flow(settings)
-    reports = {layer: read_report(Path(info["run_dir"]))
-               for layer, info in summary["layers"].items()}
+    reports = {
+        layer: read_report(Path(info["run_dir"])) for layer, info in summary["layers"].items()
+    }
     rows = sweep_rows(summary["layers"], reports)
     folder = Path(settings.runs) / f"sweep-{summary['run_id']}"
-    paths = write_sweep(rows, folder, f"Layer sweep: {settings.backbone} on {settings.data}, "
-                                      f"split {settings.split}")
+    paths = write_sweep(
+        rows, folder, f"Layer sweep: {settings.backbone} on {settings.data}, split {settings.split}"
+    )
     create_table_artifact(rows, key="layer-sweep", description="accuracy per layer")
     return {**summary, "sweep": rows, "sweep_files": {k: str(v) for k, v in paths.items()}}
 
 
 @flow(name="predict", flow_run_name="predict-{run_dir.name}")
-def predict_flow(run_dir: Path, data: Path, out: Path, store: str = "featurepipe-store",
-                 classifier: str | None = None) -> dict:
+def predict_flow(
+    run_dir: Path,
+    data: Path,
+    out: Path,
+    store: str = "featurepipe-store",
+    classifier: str | None = None,
+) -> dict:
     """Predict new images with a finished run and write a CSV (file, class, scores)."""
     from tasks.runs.predict import predict_folder, write_predictions_csv
 
     rows, manifest, info = predict_folder(run_dir, data, FeatureStore(store), classifier)
     write_predictions_csv(rows, out)
     get_run_logger().info("%d predictions written to %s", len(rows), out)
-    return {**info, "predictions": len(rows), "csv": str(out),
-            "skipped": [asdict(s) for s in manifest.skipped]}
+    return {
+        **info,
+        "predictions": len(rows),
+        "csv": str(out),
+        "skipped": [asdict(s) for s in manifest.skipped],
+    }

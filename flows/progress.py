@@ -27,8 +27,9 @@ logger = logging.getLogger("featurepipe.extract")
 class ExtractProgress:
     """Callable progress sink: `progress(done, total)` in images."""
 
-    def __init__(self, description: str, min_interval: float = 2.0,
-                 log_interval: float = 30.0) -> None:
+    def __init__(
+        self, description: str, min_interval: float = 2.0, log_interval: float = 30.0
+    ) -> None:
         self.description = description
         self.min_interval = min_interval
         self.log_interval = log_interval
@@ -43,10 +44,16 @@ class ExtractProgress:
         if TaskRunContext.get() is not None:
             self.artifact_id = create_progress_artifact(0.0, description=self.description)
         console = Console(file=sys.stderr)
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
-                            console=console, transient=False,
-                            disable=not console.is_terminal)
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+            disable=not console.is_terminal,
+        )
         self.bar.start()
         self.task_id = self.bar.add_task(self.description, total=None, rate="")
         return self
@@ -58,12 +65,21 @@ class ExtractProgress:
             self.bar.update(self.task_id, completed=done, total=total, rate=f"{rate:.1f} img/s")
         elif now - self.last_log >= self.log_interval or done == total:
             left = (total - done) / rate if rate else 0.0
-            logger.info("%s: %d/%d images, %.1f images/s, about %.0f min left",
-                        self.description, done, total, rate, left / 60)
+            logger.info(
+                "%s: %d/%d images, %.1f images/s, about %.0f min left",
+                self.description,
+                done,
+                total,
+                rate,
+                left / 60,
+            )
             self.last_log = now
         if self.artifact_id and (now - self.last_artifact >= self.min_interval or done == total):
-            update_progress_artifact(self.artifact_id, 100.0 * done / max(total, 1),
-                                     description=f"{self.description}: {rate:.1f} images/s")
+            update_progress_artifact(
+                self.artifact_id,
+                100.0 * done / max(total, 1),
+                description=f"{self.description}: {rate:.1f} images/s",
+            )
             self.last_artifact = now
 
     def __exit__(self, *exc_info) -> None:

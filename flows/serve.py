@@ -34,8 +34,9 @@ def _cron_schedule(cron: str) -> CronSchedule:
         raise SettingsError(f"invalid cron expression {cron!r} (e.g. '0 2 * * *')") from None
 
 
-def build_deployments(settings: PipelineSettings,
-                      cron: str = NIGHTLY_CRON) -> list[RunnerDeployment]:
+def build_deployments(
+    settings: PipelineSettings, cron: str = NIGHTLY_CRON
+) -> list[RunnerDeployment]:
     """The pipeline on `cron` and the classifier-only flow on demand, both defaulting to `settings`.
 
     Only the settings that were given become deployment parameters, so the flow's own defaults
@@ -45,15 +46,21 @@ def build_deployments(settings: PipelineSettings,
         raise SettingsError("--data is required: the dataset the scheduled pipeline runs on")
     parameters = settings.model_dump(mode="json", exclude_unset=True)
     pipeline = pipeline_flow.to_deployment(
-        name=PIPELINE_DEPLOYMENT, schedules=[_cron_schedule(cron)], concurrency_limit=1,
-        parameters={"settings": parameters}, tags=["featurepipe", "nightly"],
+        name=PIPELINE_DEPLOYMENT,
+        schedules=[_cron_schedule(cron)],
+        concurrency_limit=1,
+        parameters={"settings": parameters},
+        tags=["featurepipe", "nightly"],
         description="Scheduled scan -> extract -> reduce -> classify; only new images are "
-                    "extracted.")
+        "extracted.",
+    )
     classify = classify_flow.to_deployment(
-        name=CLASSIFY_DEPLOYMENT, parameters={"settings": parameters},
+        name=CLASSIFY_DEPLOYMENT,
+        parameters={"settings": parameters},
         tags=["featurepipe", "classify"],
         description="Classifier stage only, on stored features (pass feature_keys from "
-                    "`featurepipe store ls`); never builds the backbone.")
+        "`featurepipe store ls`); never builds the backbone.",
+    )
     return [pipeline, classify]
 
 

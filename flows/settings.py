@@ -39,8 +39,11 @@ class PipelineSettings(BackboneChoice):
 
     model_config = ConfigDict(extra="forbid")
 
-    data: Path | None = Field(None, description="Image folder: one sub-folder per class "
-                                                "(optionally inside train/ valid/ test/)")
+    data: Path | None = Field(
+        None,
+        description="Image folder: one sub-folder per class "
+        "(optionally inside train/ valid/ test/)",
+    )
     store: str = Field("featurepipe-store", description="Feature store location (Zarr)")
     runs: Path = Field(Path("runs"), description="Folder that receives one folder per run")
     backbone: str = "vgg16"
@@ -52,12 +55,14 @@ class PipelineSettings(BackboneChoice):
     batch_size: int = Field(16, ge=1, le=1024)
     limit_per_class: int | None = Field(None, ge=1)
     variance: float = Field(0.8, gt=0.0, le=1.0, description="PCA variance target")
-    components: int | None = Field(None, ge=1, description="Fixed number of PCA components "
-                                                            "(instead of the variance target)")
+    components: int | None = Field(
+        None, ge=1, description="Fixed number of PCA components (instead of the variance target)"
+    )
     pca_method: Literal["gram", "randomized", "incremental"] = "gram"
     classifiers: list[str] = Field(default_factory=lambda: ["svm", "logreg"])
     classifier_options: dict[str, dict[str, Any]] = Field(
-        default_factory=dict, description="Per classifier, e.g. {svm: {param_grid: {C: [1, 10]}}}")
+        default_factory=dict, description="Per classifier, e.g. {svm: {param_grid: {C: [1, 10]}}}"
+    )
     split: Literal["auto", "stratified", "grouped", "folder"] = "auto"
     test_size: float = Field(0.25, gt=0.0, lt=1.0)
     group_regex: str | None = None
@@ -79,8 +84,9 @@ class PipelineSettings(BackboneChoice):
 
         unknown = [name for name in value if name not in CLASSIFIERS]
         if unknown or not value:
-            raise ValueError(f"unknown classifier(s) {unknown or value}; choose from "
-                             f"{', '.join(CLASSIFIERS)}")
+            raise ValueError(
+                f"unknown classifier(s) {unknown or value}; choose from {', '.join(CLASSIFIERS)}"
+            )
         return value
 
     @field_validator("classifier_options")
@@ -96,10 +102,16 @@ class PipelineSettings(BackboneChoice):
         return PcaSettings(self.pca_method, self.variance, self.components)
 
     def extract_settings(self) -> ExtractSettings:
-        return ExtractSettings(backbone=self.backbone, weights=self.weights,
-                               layers=tuple(self.layers), image_size=self.image_size,
-                               pooling=self.pooling, dtype=self.dtype,
-                               batch_size=self.batch_size, seed=self.seed)
+        return ExtractSettings(
+            backbone=self.backbone,
+            weights=self.weights,
+            layers=tuple(self.layers),
+            image_size=self.image_size,
+            pooling=self.pooling,
+            dtype=self.dtype,
+            batch_size=self.batch_size,
+            seed=self.seed,
+        )
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -119,8 +131,9 @@ def read_config(path: Path) -> dict[str, Any]:
     return {str(key).replace("-", "_"): value for key, value in data.items()}
 
 
-def load_settings(config: Path | None = None, model: type[BaseModel] = PipelineSettings,
-                  **flags: Any) -> BaseModel:
+def load_settings(
+    config: Path | None = None, model: type[BaseModel] = PipelineSettings, **flags: Any
+) -> BaseModel:
     """Merge a config file with flags (flags win; None means 'not given') and validate."""
     values = read_config(config) if config else {}
     values.update({key: value for key, value in flags.items() if value is not None})

@@ -23,6 +23,8 @@ def is_disk_full(error: BaseException) -> bool:
 def disk_full_message(error: OSError) -> str:
     """One line for a full disk: what failed, and that finished work survives a re-run."""
     where = f" writing {error.filename}" if error.filename else ""
-    return (f"{error.strerror or 'no space left'}{where}. Everything finished before it is kept "
-            "(feature chunks marked done, reductions, runs with a report.json): free space or "
-            "point --store/--runs elsewhere, then run the same command again to resume.")
+    return (
+        f"{error.strerror or 'no space left'}{where}. Everything finished before it is kept "
+        "(feature chunks marked done, reductions, runs with a report.json): free space or "
+        "point --store/--runs elsewhere, then run the same command again to resume."
+    )

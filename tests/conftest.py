@@ -32,8 +32,9 @@ def image_tree(tmp_path: Path) -> Path:
     root = tmp_path / "images"
     for label, tint in (("cats", 0), ("dogs", 120)):
         for i in range(12):
-            write_image(root / label / f"img_{i:02d}.png", seed=100 * (label == "dogs") + i,
-                        tint=tint)
+            write_image(
+                root / label / f"img_{i:02d}.png", seed=100 * (label == "dogs") + i, tint=tint
+            )
     return root
 
 

@@ -30,8 +30,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_until(check: Callable[[], T | None], timeout: float, what: str,
-               interval: float = 1.0) -> T:
+def wait_until(
+    check: Callable[[], T | None], timeout: float, what: str, interval: float = 1.0
+) -> T:
     """Poll `check` until it returns something truthy; fail with `what` after `timeout` s."""
     deadline = time.monotonic() + timeout
     while True:
@@ -46,12 +47,14 @@ def wait_until(check: Callable[[], T | None], timeout: float, what: str,
         time.sleep(interval)
 
 
-def start_process(args: list[str], env: dict[str, str], log: Path,
-                  cwd: Path | None = None) -> subprocess.Popen:
+def start_process(
+    args: list[str], env: dict[str, str], log: Path, cwd: Path | None = None
+) -> subprocess.Popen:
     """Start a long-running process in its own group, so stopping it also stops its children."""
     with log.open("ab") as sink:
-        return subprocess.Popen(args, env=env, cwd=cwd, stdout=sink, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        return subprocess.Popen(
+            args, env=env, cwd=cwd, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def stop_process(process: subprocess.Popen, grace: float = 15.0) -> None:
@@ -101,11 +104,17 @@ def start_server(home: Path, timeout: float = 120.0) -> PrefectServer:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     home.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"{url}/api",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": f"{url}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    }
     log = home / "server.log"
-    process = start_process([PREFECT, "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port)], env, log)
+    process = start_process(
+        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, log
+    )
     server = PrefectServer(url, env, process, log)
 
     def healthy() -> bool:

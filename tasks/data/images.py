@@ -23,8 +23,28 @@ MAX_PIXELS = 100_000_000
 MIN_SIDE = 8
 RESIZE_METHOD = "pil-bilinear"  # part of the feature key: changing it changes the features
 # Modes to_rgb turns into true RGB; Pillow converts others (LAB, HSV) to wrong colours.
-SUPPORTED_MODES = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBX", "RGBa",
-                             "CMYK", "YCbCr", "I", "F", "I;16", "I;16L", "I;16B", "I;16N"})
+SUPPORTED_MODES = frozenset(
+    {
+        "1",
+        "L",
+        "LA",
+        "La",
+        "P",
+        "PA",
+        "RGB",
+        "RGBA",
+        "RGBX",
+        "RGBa",
+        "CMYK",
+        "YCbCr",
+        "I",
+        "F",
+        "I;16",
+        "I;16L",
+        "I;16B",
+        "I;16N",
+    }
+)
 
 
 class ImageError(UserError):
@@ -72,25 +92,32 @@ def _open(path: Path) -> Image.Image:
             with image:
                 width, height = image.size
                 if width * height > MAX_PIXELS:
-                    raise ImageError(f"image too large ({width}x{height} pixels; the limit is "
-                                     f"{MAX_PIXELS // 1_000_000} megapixels)")
+                    raise ImageError(
+                        f"image too large ({width}x{height} pixels; the limit is "
+                        f"{MAX_PIXELS // 1_000_000} megapixels)"
+                    )
                 if min(width, height) < MIN_SIDE:
-                    raise ImageError(f"image too small ({width}x{height} pixels; featurepipe "
-                                     f"needs at least {MIN_SIDE}x{MIN_SIDE})")
+                    raise ImageError(
+                        f"image too small ({width}x{height} pixels; featurepipe "
+                        f"needs at least {MIN_SIDE}x{MIN_SIDE})"
+                    )
                 image.load()
                 return to_rgb(image)
     except ImageError:
         raise
     except Image.DecompressionBombError as error:
-        raise ImageError(f"image too large (over {MAX_PIXELS // 1_000_000} megapixels; "
-                         "possibly a decompression bomb)") from error
+        raise ImageError(
+            f"image too large (over {MAX_PIXELS // 1_000_000} megapixels; "
+            "possibly a decompression bomb)"
+        ) from error
     except FileNotFoundError as error:
         raise ImageError("file not found (deleted or moved?)") from error
     except PermissionError as error:
         raise ImageError("cannot read the file: permission denied") from error
     except (OSError, SyntaxError, ValueError, EOFError) as error:
-        raise ImageError(f"corrupt or truncated image: {error} (re-download or re-export "
-                         "it)") from error
+        raise ImageError(
+            f"corrupt or truncated image: {error} (re-download or re-export it)"
+        ) from error
 
 
 def _exif_oriented(image: Image.Image) -> Image.Image:

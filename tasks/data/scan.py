@@ -25,10 +25,16 @@ from pathlib import Path
 from tasks.data.images import IMAGE_EXTENSIONS, check_image
 from tasks.errors import UserError
 
-SPLIT_NAMES = {"train": "train", "valid": "valid", "validation": "valid", "val": "valid",
-               "test": "test"}
+SPLIT_NAMES = {
+    "train": "train",
+    "valid": "valid",
+    "validation": "valid",
+    "val": "valid",
+    "test": "test",
+}
 SPLIT_ORDER = ("all", "train", "valid", "test")
-# The SVM grid search uses 3 stratified CV folds (tasks/classify/models.py): each class needs 3 images.
+# The SVM grid search uses 3 stratified CV folds (tasks/classify/models.py):
+# each class needs 3 images.
 MIN_PER_CLASS = 3
 # Folders that archive tools add and that never hold a class (macOS zips add __MACOSX).
 IGNORED_FOLDERS = frozenset({"__MACOSX"})
@@ -104,21 +110,28 @@ class Manifest:
 
     def to_dict(self) -> dict:
         """Plain JSON-able form, stored beside the features (readable without TensorFlow)."""
-        return {"root": self.root, "class_names": self.class_names,
-                "records": [asdict(r) for r in self.records],
-                "skipped": [asdict(s) for s in self.skipped],
-                "warnings": list(self.warnings),
-                "duplicates": [asdict(d) for d in self.duplicates]}
+        return {
+            "root": self.root,
+            "class_names": self.class_names,
+            "records": [asdict(r) for r in self.records],
+            "skipped": [asdict(s) for s in self.skipped],
+            "warnings": list(self.warnings),
+            "duplicates": [asdict(d) for d in self.duplicates],
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> Manifest:
         """Inverse of to_dict; manifests stored before warnings/duplicates existed load too."""
-        return cls(root=data["root"], class_names=list(data["class_names"]),
-                   records=[ImageRecord(**r) for r in data["records"]],
-                   skipped=[Skipped(**s) for s in data.get("skipped", [])],
-                   warnings=list(data.get("warnings", [])),
-                   duplicates=[Duplicate(d["sha256"], list(d["paths"]))
-                               for d in data.get("duplicates", [])])
+        return cls(
+            root=data["root"],
+            class_names=list(data["class_names"]),
+            records=[ImageRecord(**r) for r in data["records"]],
+            skipped=[Skipped(**s) for s in data.get("skipped", [])],
+            warnings=list(data.get("warnings", [])),
+            duplicates=[
+                Duplicate(d["sha256"], list(d["paths"])) for d in data.get("duplicates", [])
+            ],
+        )
 
 
 def file_sha256(path: Path) -> str:
@@ -180,8 +193,9 @@ def _stat(path: Path) -> os.stat_result | str:
         return _os_reason(error)
 
 
-def _list_folder(folder: Folder, root: Path,
-                 skipped: list[Skipped]) -> tuple[list[Folder], list[Path]]:
+def _list_folder(
+    folder: Folder, root: Path, skipped: list[Skipped]
+) -> tuple[list[Folder], list[Path]]:
     """Sub-folders to descend into and other entries, in name order; the rest is skipped.
 
     Folder links are followed (datasets are often assembled with `ln -s`), except those that
@@ -208,15 +222,20 @@ def _list_folder(folder: Folder, root: Path,
             skipped.append(Skipped(_display(entry_path, root), info))
         elif stat.S_ISDIR(info.st_mode):
             if (info.st_dev, info.st_ino) in ancestors:
-                skipped.append(Skipped(_display(entry_path, root), "symbolic link loop "
-                                       "(points back to an enclosing folder)"))
+                skipped.append(
+                    Skipped(
+                        _display(entry_path, root),
+                        "symbolic link loop (points back to an enclosing folder)",
+                    )
+                )
             else:
                 folders.append((entry_path, ancestors | {(info.st_dev, info.st_ino)}))
         elif stat.S_ISREG(info.st_mode):
             files.append(entry_path)
         else:
-            skipped.append(Skipped(_display(entry_path, root),
-                                   "not a regular file (a device, pipe or socket)"))
+            skipped.append(
+                Skipped(_display(entry_path, root), "not a regular file (a device, pipe or socket)")
+            )
     return folders, files
 
 
@@ -247,8 +266,9 @@ def _top_folders(folder: Folder, root: Path, skipped: list[Skipped]) -> tuple[li
     return folders, sum(path.suffix.lower() in IMAGE_EXTENSIONS for path in files)
 
 
-def _class_folders(root: Path, skipped: list[Skipped],
-                   warnings: list[str]) -> tuple[list[tuple[str, Folder]], int]:
+def _class_folders(
+    root: Path, skipped: list[Skipped], warnings: list[str]
+) -> tuple[list[tuple[str, Folder]], int]:
     """(split, class folder) pairs and the number of image files outside any class folder.
 
     train/valid/test sub-trees are used only when the root holds nothing else, so a flat
@@ -256,8 +276,9 @@ def _class_folders(root: Path, skipped: list[Skipped],
     """
     info = root.stat()
     subdirs, stray = _top_folders((root, frozenset({(info.st_dev, info.st_ino)})), root, skipped)
-    splits = [(SPLIT_NAMES[d[0].name.lower()], d) for d in subdirs
-              if d[0].name.lower() in SPLIT_NAMES]
+    splits = [
+        (SPLIT_NAMES[d[0].name.lower()], d) for d in subdirs if d[0].name.lower() in SPLIT_NAMES
+    ]
     if not splits or len(splits) < len(subdirs):
         if splits:
             names = ", ".join(d[0].name for _, d in splits)
@@ -265,7 +286,8 @@ def _class_folders(root: Path, skipped: list[Skipped],
             warnings.append(
                 f"split folders ({names}) sit beside other folders ({others}): every top-level "
                 "folder is treated as a class; move all classes inside train/, valid/ and "
-                "test/ to use the splits")
+                "test/ to use the splits"
+            )
         return [("all", d) for d in subdirs], stray
     pairs: list[tuple[str, Folder]] = []
     for split, split_dir in splits:
@@ -280,8 +302,9 @@ def _check_root(root: Path) -> None:
     if root.is_dir():
         return
     if root.is_file():
-        hint = " (extract the archive first)" if root.name.lower().endswith(ARCHIVE_SUFFIXES) \
-            else ""
+        hint = (
+            " (extract the archive first)" if root.name.lower().endswith(ARCHIVE_SUFFIXES) else ""
+        )
         raise DatasetError(f"dataset folder is a file, not a folder: {root}{hint}")
     raise DatasetError(f"dataset folder not found: {root}")
 
@@ -297,8 +320,9 @@ def _hash_all(paths: list[Path], root: Path, skipped: list[Skipped]) -> list[tup
     return sorted(hashed)
 
 
-def _drop_untrained_classes(records: list[ImageRecord],
-                            skipped: list[Skipped]) -> list[ImageRecord]:
+def _drop_untrained_classes(
+    records: list[ImageRecord], skipped: list[Skipped]
+) -> list[ImageRecord]:
     """Test images of a class that has no training images cannot be predicted: skip them."""
     trained = {r.label for r in records if r.split != "test"}
     if not trained:
@@ -310,8 +334,12 @@ def _drop_untrained_classes(records: list[ImageRecord],
             continue
         close = difflib.get_close_matches(record.label, sorted(trained), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        skipped.append(Skipped(record.path, f"class {record.label!r} has no training images "
-                                            f"(not in train/ or valid/){hint}"))
+        skipped.append(
+            Skipped(
+                record.path,
+                f"class {record.label!r} has no training images (not in train/ or valid/){hint}",
+            )
+        )
     return kept
 
 
@@ -334,49 +362,74 @@ def _dataset_warnings(records: list[ImageRecord], duplicates: list[Duplicate]) -
     found: list[str] = []
     labels = sorted({r.label for r in records})
     if len(labels) == 1:
-        found.append(f"only one class ({labels[0]!r}): features can be extracted, but "
-                     "classifiers need at least 2 classes")
+        found.append(
+            f"only one class ({labels[0]!r}): features can be extracted, but "
+            "classifiers need at least 2 classes"
+        )
     training = Counter(r.label for r in records if r.split != "test")
     small = [f"{name!r} ({training[name]})" for name in labels if training[name] < MIN_PER_CLASS]
     if small:
-        found.append(f"classes with fewer than {MIN_PER_CLASS} training images: "
-                     f"{_examples(small, 10)}; the SVM's {MIN_PER_CLASS}-fold cross-validation "
-                     "needs more: add images or remove these classes")
+        found.append(
+            f"classes with fewer than {MIN_PER_CLASS} training images: "
+            f"{_examples(small, 10)}; the SVM's {MIN_PER_CLASS}-fold cross-validation "
+            "needs more: add images or remove these classes"
+        )
     tested = {r.label for r in records if r.split == "test"}
     if tested and set(labels) - tested:
         untested = [repr(name) for name in labels if name not in tested]
-        found.append(f"classes without test images: {_examples(untested, 10)}; their accuracy "
-                     "cannot be measured")
+        found.append(
+            f"classes without test images: {_examples(untested, 10)}; their accuracy "
+            "cannot be measured"
+        )
     by_path = {r.path: r for r in records}
-    mixed = [" = ".join(d.paths) for d in duplicates
-             if len({by_path[p].label for p in d.paths}) > 1]
+    mixed = [
+        " = ".join(d.paths) for d in duplicates if len({by_path[p].label for p in d.paths}) > 1
+    ]
     if mixed:
-        found.append(f"{len(mixed)} identical images appear under different classes (their "
-                     f"label is ambiguous; see duplicates): {_examples(mixed)}")
-    leaked = [" = ".join(d.paths) for d in duplicates
-              if len(splits := {by_path[p].split for p in d.paths}) > 1 and "test" in splits]
+        found.append(
+            f"{len(mixed)} identical images appear under different classes (their "
+            f"label is ambiguous; see duplicates): {_examples(mixed)}"
+        )
+    leaked = [
+        " = ".join(d.paths)
+        for d in duplicates
+        if len(splits := {by_path[p].split for p in d.paths}) > 1 and "test" in splits
+    ]
     if leaked:
-        found.append(f"{len(leaked)} identical images are in both the training and the test "
-                     f"split, which inflates test accuracy: {_examples(leaked)}")
+        found.append(
+            f"{len(leaked)} identical images are in both the training and the test "
+            f"split, which inflates test accuracy: {_examples(leaked)}"
+        )
     return found
 
 
-def _no_images_error(root: Path, skipped: list[Skipped], stray: int,
-                     any_candidates: bool) -> DatasetError:
+def _no_images_error(
+    root: Path, skipped: list[Skipped], stray: int, any_candidates: bool
+) -> DatasetError:
     """The error for a folder without one usable image, naming the most common causes."""
     if not any_candidates:
-        hint = (f"; found {stray} image files directly in the folder: move them into one "
-                "sub-folder per class") if stray else ""
+        hint = (
+            (
+                f"; found {stray} image files directly in the folder: move them into one "
+                "sub-folder per class"
+            )
+            if stray
+            else ""
+        )
         return DatasetError(
             f"no images found in {root}: expected one sub-folder per class "
-            f"(optionally inside train/, valid/, test/) holding image files{hint}")
+            f"(optionally inside train/, valid/, test/) holding image files{hint}"
+        )
     common = Counter(s.reason for s in skipped).most_common(3)
     reasons = "; ".join(f"{count} x {reason}" for reason, count in common)
     return DatasetError(f"no readable images in {root} ({len(skipped)} files skipped: {reasons})")
 
 
-def scan(root: str | Path, limit_per_class: int | None = None,
-         progress: Callable[[int], None] | None = None) -> Manifest:
+def scan(
+    root: str | Path,
+    limit_per_class: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Manifest:
     """Scan a class-per-subfolder tree (optionally with train/valid/test sub-trees).
 
     With limit_per_class, images are taken in sha256 order: a stable pseudo-random sample that
@@ -393,8 +446,9 @@ def scan(root: str | Path, limit_per_class: int | None = None,
     if not any(groups.values()):
         raise _no_images_error(root, skipped, stray, any_candidates=False)
     records: list[ImageRecord] = []
-    for (split, label), paths in sorted(groups.items(),
-                                        key=lambda kv: (SPLIT_ORDER.index(kv[0][0]), kv[0][1])):
+    for (split, label), paths in sorted(
+        groups.items(), key=lambda kv: (SPLIT_ORDER.index(kv[0][0]), kv[0][1])
+    ):
         kept = 0
         for digest, path in _hash_all(paths, root, skipped):
             if limit_per_class is not None and kept >= limit_per_class:
@@ -417,6 +471,11 @@ def scan(root: str | Path, limit_per_class: int | None = None,
     if not records:
         raise _no_images_error(root, skipped, stray, any_candidates=True)
     duplicates = _find_duplicates(records)
-    return Manifest(root=str(root), records=records, class_names=sorted({r.label for r in records}),
-                    skipped=skipped, warnings=warnings + _dataset_warnings(records, duplicates),
-                    duplicates=duplicates)
+    return Manifest(
+        root=str(root),
+        records=records,
+        class_names=sorted({r.label for r in records}),
+        skipped=skipped,
+        warnings=warnings + _dataset_warnings(records, duplicates),
+        duplicates=duplicates,
+    )

@@ -35,8 +35,13 @@ def _groups(manifest: Manifest, group_regex: str) -> np.ndarray:
     return np.asarray(groups)
 
 
-def split_rows(manifest: Manifest, method: str = "auto", test_size: float = 0.25, seed: int = 0,
-               group_regex: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def split_rows(
+    manifest: Manifest,
+    method: str = "auto",
+    test_size: float = 0.25,
+    seed: int = 0,
+    group_regex: str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Return sorted (train_rows, test_rows) indices into manifest.records.
 
     "auto" uses the dataset's own test/ tree when it has one, else a stratified split.
@@ -61,8 +66,9 @@ def split_rows(manifest: Manifest, method: str = "auto", test_size: float = 0.25
         counts = np.bincount(labels)
         if counts.min() < 2:
             raise SplitError("a stratified split needs at least 2 images per class")
-        train, test = train_test_split(rows, test_size=test_size, random_state=seed,
-                                       stratify=labels)
+        train, test = train_test_split(
+            rows, test_size=test_size, random_state=seed, stratify=labels
+        )
         return np.sort(train), np.sort(test)
     if not group_regex:
         raise SplitError("split 'grouped' needs --group-regex, e.g. '_(\\d+)_'")

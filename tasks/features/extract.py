@@ -80,8 +80,17 @@ class ExtractPlan:
 
 def same_settings(attrs: dict, other: dict) -> bool:
     """Whether two feature arrays were extracted with the same settings (any manifests)."""
-    fields = ("backbone", "weights", "layer", "image_size", "pooling", "dtype", "preprocess",
-              "resize", "version")
+    fields = (
+        "backbone",
+        "weights",
+        "layer",
+        "image_size",
+        "pooling",
+        "dtype",
+        "preprocess",
+        "resize",
+        "version",
+    )
     return all(attrs.get(name) == other.get(name) for name in fields)
 
 
@@ -96,11 +105,21 @@ def plan_extraction(manifest: Manifest, settings: ExtractSettings) -> ExtractPla
     weights = resolve_weights(spec, settings.weights, settings.seed)
     size = settings.image_size or spec.default_size
     layers = tuple(dict.fromkeys(settings.layers or (spec.default_layer,)))
-    identities = {layer: {
-        "manifest_key": manifest.key, "backbone": spec.name, "weights": weights.identity,
-        "layer": layer, "image_size": size, "pooling": settings.pooling, "dtype": settings.dtype,
-        "preprocess": spec.preprocess, "resize": RESIZE_METHOD, "version": EXTRACT_VERSION,
-    } for layer in layers}
+    identities = {
+        layer: {
+            "manifest_key": manifest.key,
+            "backbone": spec.name,
+            "weights": weights.identity,
+            "layer": layer,
+            "image_size": size,
+            "pooling": settings.pooling,
+            "dtype": settings.dtype,
+            "preprocess": spec.preprocess,
+            "resize": RESIZE_METHOD,
+            "version": EXTRACT_VERSION,
+        }
+        for layer in layers
+    }
     return ExtractPlan(spec, weights, size, layers, identities)
 
 
@@ -109,8 +128,9 @@ def _decode_batch(paths: Sequence[Path], size: int, preprocess: Callable) -> np.
     return np.asarray(preprocess(batch), dtype=np.float32)
 
 
-def _prefetched(batches: list[list[Path]], size: int, preprocess: Callable,
-                workers: int) -> Iterator[np.ndarray]:
+def _prefetched(
+    batches: list[list[Path]], size: int, preprocess: Callable, workers: int
+) -> Iterator[np.ndarray]:
     """Decode batches in a thread pool, keeping `workers + 1` batches ahead of the consumer."""
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
         ahead: deque[Future] = deque()
@@ -137,9 +157,14 @@ def _units(arrays: list[FeatureArray], n_rows: int) -> list[tuple[int, int]]:
     return todo
 
 
-def extract(manifest: Manifest, store: FeatureStore, settings: ExtractSettings,
-            progress: ProgressCallback | None = None,
-            on_wait: Callable[[], None] | None = None, client=None) -> ExtractResult:
+def extract(
+    manifest: Manifest,
+    store: FeatureStore,
+    settings: ExtractSettings,
+    progress: ProgressCallback | None = None,
+    on_wait: Callable[[], None] | None = None,
+    client=None,
+) -> ExtractResult:
     """Compute the missing feature chunks of every requested layer in one backbone pass.
 
     A concurrent extraction of the same features (another process or a scheduled run) is
@@ -154,26 +179,48 @@ def extract(manifest: Manifest, store: FeatureStore, settings: ExtractSettings,
         return _extract_locked(manifest, store, settings, plan, keys, progress, began, client)
 
 
-def _extract_locked(manifest: Manifest, store: FeatureStore, settings: ExtractSettings,
-                    plan: ExtractPlan, keys: dict[str, str], progress: ProgressCallback | None,
-                    began: float, client=None) -> ExtractResult:
+def _extract_locked(
+    manifest: Manifest,
+    store: FeatureStore,
+    settings: ExtractSettings,
+    plan: ExtractPlan,
+    keys: dict[str, str],
+    progress: ProgressCallback | None,
+    began: float,
+    client=None,
+) -> ExtractResult:
     """The body of `extract`, run while this process holds the features' locks."""
     n_rows = len(manifest.records)
-    needed = [layer for layer in plan.layers
-              if (a := store.feature_array(keys[layer])) is None or not a.complete]
+    needed = [
+        layer
+        for layer in plan.layers
+        if (a := store.feature_array(keys[layer])) is None or not a.complete
+    ]
     if not needed:
-        n_features = {layer: store.feature_array(keys[layer]).data.shape[1]
-                      for layer in plan.layers}
-        return ExtractResult(keys, n_rows, 0, n_rows, time.perf_counter() - began,
-                             n_features=n_features)
+        n_features = {
+            layer: store.feature_array(keys[layer]).data.shape[1] for layer in plan.layers
+        }
+        return ExtractResult(
+            keys, n_rows, 0, n_rows, time.perf_counter() - began, n_features=n_features
+        )
 
     model = build_feature_model(plan.spec, plan.weights, plan.image_size, needed, settings.pooling)
     widths = [int(np.prod(output.shape[1:])) for output in model.outputs]
-    arrays = [store.create_feature_array(
-        keys[layer], n_rows, width, settings.dtype,
-        {**plan.identities[layer], "class_names": manifest.class_names,
-         "settings": asdict(settings)}, chunk_bytes=int(settings.chunk_mb * (1 << 20)))
-        for layer, width in zip(needed, widths, strict=True)]
+    arrays = [
+        store.create_feature_array(
+            keys[layer],
+            n_rows,
+            width,
+            settings.dtype,
+            {
+                **plan.identities[layer],
+                "class_names": manifest.class_names,
+                "settings": asdict(settings),
+            },
+            chunk_bytes=int(settings.chunk_mb * (1 << 20)),
+        )
+        for layer, width in zip(needed, widths, strict=True)
+    ]
     units = _units(arrays, n_rows)
     streaming = time.perf_counter()
     if client is None:
@@ -181,8 +228,7 @@ def _extract_locked(manifest: Manifest, store: FeatureStore, settings: ExtractSe
         computed = _run_units(manifest, model, plan, settings, arrays, units, sources, progress)
     else:
         del model  # each worker builds its own
-        computed = _run_on_cluster(client, manifest, store, settings, needed, keys, units,
-                                   progress)
+        computed = _run_on_cluster(client, manifest, store, settings, needed, keys, units, progress)
     rate = computed / (time.perf_counter() - streaming) if computed else None  # excludes build
     seconds = time.perf_counter() - began
     for array in arrays:
@@ -194,8 +240,9 @@ def _extract_locked(manifest: Manifest, store: FeatureStore, settings: ExtractSe
 RowSource = dict[int, tuple[FeatureArray, int]]  # row -> (complete array, its row)
 
 
-def row_sources(store: FeatureStore, manifest: Manifest, plan: ExtractPlan,
-                layer: str) -> RowSource:
+def row_sources(
+    store: FeatureStore, manifest: Manifest, plan: ExtractPlan, layer: str
+) -> RowSource:
     """Rows of this manifest whose features already exist in a complete array with the same
     settings but another manifest (a dataset that grew, or shares images with another).
 
@@ -206,8 +253,11 @@ def row_sources(store: FeatureStore, manifest: Manifest, plan: ExtractPlan,
     sources: RowSource = {}
     for array in store.feature_arrays():
         attrs = array.attrs
-        if (attrs.get("manifest_key") == manifest.key or not array.complete
-                or not same_settings(attrs, plan.identities[layer])):
+        if (
+            attrs.get("manifest_key") == manifest.key
+            or not array.complete
+            or not same_settings(attrs, plan.identities[layer])
+        ):
             continue
         for their_row, record in enumerate(store.load_manifest(attrs["manifest_key"]).records):
             row = wanted.get(record.sha256)
@@ -230,8 +280,12 @@ class _ChunkCache:
         return self.block[row - index * array.chunk_rows]
 
 
-def _plan_units(arrays: list[FeatureArray], missing: list[set[int]], sources: list[RowSource],
-                units: list[tuple[int, int]]) -> list[tuple[int, int, list[int]]]:
+def _plan_units(
+    arrays: list[FeatureArray],
+    missing: list[set[int]],
+    sources: list[RowSource],
+    units: list[tuple[int, int]],
+) -> list[tuple[int, int, list[int]]]:
     """Per unit: the rows that must go through the backbone (missing chunk, no copy source)."""
     work = []
     for start, stop in units:
@@ -245,17 +299,28 @@ def _plan_units(arrays: list[FeatureArray], missing: list[set[int]], sources: li
     return work
 
 
-def _run_units(manifest: Manifest, model, plan: ExtractPlan, settings: ExtractSettings,
-               arrays: list[FeatureArray], units: list[tuple[int, int]],
-               sources: list[RowSource], progress: ProgressCallback | None) -> int:
+def _run_units(
+    manifest: Manifest,
+    model,
+    plan: ExtractPlan,
+    settings: ExtractSettings,
+    arrays: list[FeatureArray],
+    units: list[tuple[int, int]],
+    sources: list[RowSource],
+    progress: ProgressCallback | None,
+) -> int:
     """Per unit: decode ahead and infer the rows nobody has, copy the rows another array has,
     write every missing chunk asynchronously. Returns the number of images computed."""
     missing = [set(a.missing_chunks()) for a in arrays]  # read the done flags once
     work = _plan_units(arrays, missing, sources, units)
     size = settings.batch_size
-    batches = [rows[i:i + size] for _, _, rows in work for i in range(0, len(rows), size)]
-    decoded = _prefetched([manifest.paths(rows) for rows in batches], plan.image_size,
-                          load_preprocess(plan.spec), settings.decode_workers)
+    batches = [rows[i : i + size] for _, _, rows in work for i in range(0, len(rows), size)]
+    decoded = _prefetched(
+        [manifest.paths(rows) for rows in batches],
+        plan.image_size,
+        load_preprocess(plan.spec),
+        settings.decode_workers,
+    )
     total, computed, cache = sum(len(rows) for _, _, rows in work), 0, _ChunkCache()
     writes: deque[Future] = deque()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") as writer:
@@ -266,7 +331,7 @@ def _run_units(manifest: Manifest, model, plan: ExtractPlan, settings: ExtractSe
                     if row in source:
                         buffer[row - start] = cache.row(*source[row])
             for offset in range(0, len(rows), size):
-                batch_rows = np.asarray(rows[offset:offset + size]) - start
+                batch_rows = np.asarray(rows[offset : offset + size]) - start
                 outputs = model.predict_on_batch(next(decoded))
                 outputs = outputs if isinstance(outputs, list | tuple) else [outputs]
                 for buffer, output in zip(buffers, outputs, strict=True):
@@ -278,7 +343,7 @@ def _run_units(manifest: Manifest, model, plan: ExtractPlan, settings: ExtractSe
                 for index in range(start // array.chunk_rows, (stop - 1) // array.chunk_rows + 1):
                     if index in gaps:
                         rows_in = array.chunk_slice(index)
-                        values = buffer[rows_in.start - start:rows_in.stop - start]
+                        values = buffer[rows_in.start - start : rows_in.stop - start]
                         writes.append(writer.submit(array.write_chunk, index, values))
             while len(writes) > 2:
                 writes.popleft().result()
@@ -287,9 +352,15 @@ def _run_units(manifest: Manifest, model, plan: ExtractPlan, settings: ExtractSe
     return computed
 
 
-def _worker_extract(manifest: Manifest, location: str, settings: ExtractSettings,
-                    layers: list[str], keys: dict[str, str], units: list[tuple[int, int]],
-                    threads: int) -> int:
+def _worker_extract(
+    manifest: Manifest,
+    location: str,
+    settings: ExtractSettings,
+    layers: list[str],
+    keys: dict[str, str],
+    units: list[tuple[int, int]],
+    threads: int,
+) -> int:
     """Runs inside a Dask worker: build the backbone once and fill the given units' chunks."""
     import tensorflow as tf
 
@@ -300,26 +371,45 @@ def _worker_extract(manifest: Manifest, location: str, settings: ExtractSettings
         pass  # TensorFlow already initialised in this worker: keep its thread pools
     store = FeatureStore(location)
     plan = plan_extraction(manifest, settings)
-    model = build_feature_model(plan.spec, plan.weights, plan.image_size, layers,
-                                settings.pooling)
+    model = build_feature_model(plan.spec, plan.weights, plan.image_size, layers, settings.pooling)
     arrays = [store.feature_array(keys[layer]) for layer in layers]
     sources = [row_sources(store, manifest, plan, layer) for layer in layers]
     return _run_units(manifest, model, plan, settings, arrays, units, sources, None)
 
 
-def _run_on_cluster(client, manifest: Manifest, store: FeatureStore, settings: ExtractSettings,
-                    layers: list[str], keys: dict[str, str], units: list[tuple[int, int]],
-                    progress: ProgressCallback | None) -> int:
+def _run_on_cluster(
+    client,
+    manifest: Manifest,
+    store: FeatureStore,
+    settings: ExtractSettings,
+    layers: list[str],
+    keys: dict[str, str],
+    units: list[tuple[int, int]],
+    progress: ProgressCallback | None,
+) -> int:
     """Give each Dask worker an interleaved share of whole units (so whole chunks): no two
     workers ever write the same chunk, and the result equals a single-process run."""
     from distributed import as_completed
 
     workers = list(client.scheduler_info()["workers"])
     threads = max(1, (os.cpu_count() or 1) // max(len(workers), 1))
-    shares = [units[i::len(workers)] for i in range(len(workers))]
-    futures = [client.submit(_worker_extract, manifest, store.location, settings, layers, keys,
-                             share, threads, workers=[worker], pure=False)
-               for worker, share in zip(workers, shares, strict=True) if share]
+    shares = [units[i :: len(workers)] for i in range(len(workers))]
+    futures = [
+        client.submit(
+            _worker_extract,
+            manifest,
+            store.location,
+            settings,
+            layers,
+            keys,
+            share,
+            threads,
+            workers=[worker],
+            pure=False,
+        )
+        for worker, share in zip(workers, shares, strict=True)
+        if share
+    ]
     total, computed = sum(b - a for a, b in units), 0
     for future in as_completed(futures):
         computed += future.result()

@@ -148,12 +148,28 @@ class FeatureArray:
         """Shape, size and completeness for `store ls`."""
         missing = len(self.missing_chunks())
         data = self.data
-        return {"key": self.key, "kind": "features", "shape": list(data.shape),
-                "dtype": str(data.dtype), "chunks_done": self.n_chunks - missing,
-                "chunks_total": self.n_chunks, "complete": missing == 0,
-                "stored_bytes": int(data.nbytes_stored()),
-                **{k: self.attrs.get(k) for k in ("backbone", "weights", "layer", "image_size",
-                                                  "pooling", "manifest_key", "created")}}
+        return {
+            "key": self.key,
+            "kind": "features",
+            "shape": list(data.shape),
+            "dtype": str(data.dtype),
+            "chunks_done": self.n_chunks - missing,
+            "chunks_total": self.n_chunks,
+            "complete": missing == 0,
+            "stored_bytes": int(data.nbytes_stored()),
+            **{
+                k: self.attrs.get(k)
+                for k in (
+                    "backbone",
+                    "weights",
+                    "layer",
+                    "image_size",
+                    "pooling",
+                    "manifest_key",
+                    "created",
+                )
+            },
+        }
 
 
 class FeatureStore:
@@ -203,9 +219,15 @@ class FeatureStore:
             return None
         return FeatureArray(key, group)
 
-    def create_feature_array(self, key: str, n_rows: int, n_features: int, dtype: str,
-                             attrs: dict[str, Any],
-                             chunk_bytes: int = TARGET_CHUNK_BYTES) -> FeatureArray:
+    def create_feature_array(
+        self,
+        key: str,
+        n_rows: int,
+        n_features: int,
+        dtype: str,
+        attrs: dict[str, Any],
+        chunk_bytes: int = TARGET_CHUNK_BYTES,
+    ) -> FeatureArray:
         """Preallocate the array (no data written) or return the existing one for this key."""
         existing = self.feature_array(key)
         if existing is not None:
@@ -214,13 +236,26 @@ class FeatureStore:
             raise StoreError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         group = self._subgroup("features").require_group(key)
         chunk_rows = rows_per_chunk(n_features * np.dtype(dtype).itemsize, chunk_bytes)
-        group.create_array("x", shape=(n_rows, n_features), chunks=(chunk_rows, n_features),
-                           dtype=dtype, compressors=_compressor(), fill_value=0,
-                           config={"write_empty_chunks": True}, overwrite=True)
+        group.create_array(
+            "x",
+            shape=(n_rows, n_features),
+            chunks=(chunk_rows, n_features),
+            dtype=dtype,
+            compressors=_compressor(),
+            fill_value=0,
+            config={"write_empty_chunks": True},
+            overwrite=True,
+        )
         n_chunks = -(-n_rows // chunk_rows)
-        group.create_array("done", shape=(n_chunks,), chunks=(1,), dtype="bool",
-                           fill_value=False, config={"write_empty_chunks": True},
-                           overwrite=True)
+        group.create_array(
+            "done",
+            shape=(n_chunks,),
+            chunks=(1,),
+            dtype="bool",
+            fill_value=False,
+            config={"write_empty_chunks": True},
+            overwrite=True,
+        )
         group.attrs.put({**attrs, "key": key, "created": time.time()})
         return FeatureArray(key, group)
 
@@ -243,8 +278,13 @@ class FeatureStore:
             group.attrs.put({**attrs, "key": key, "complete": False})
             for name, values in arrays.items():
                 values = np.asarray(values)
-                group.create_array(name, data=values, compressors=_compressor(), overwrite=True,
-                                   config={"write_empty_chunks": True})
+                group.create_array(
+                    name,
+                    data=values,
+                    compressors=_compressor(),
+                    overwrite=True,
+                    config={"write_empty_chunks": True},
+                )
             group.attrs.update({"complete": True, "created": time.time()})
 
     def reduction_attrs(self, key: str) -> dict[str, Any] | None:
@@ -255,16 +295,18 @@ class FeatureStore:
             return None
         return attrs if attrs.get("complete") else None
 
-    def load_reduction(self, key: str, names: Callable[[str], bool] | None = None
-                       ) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+    def load_reduction(
+        self, key: str, names: Callable[[str], bool] | None = None
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
         """Arrays (those whose name `names` accepts, default all) and attributes of a complete
         reduction. Callers pick: the (k, d) PCA components can be far larger than the rows."""
         attrs = self.reduction_attrs(key)
         if attrs is None:
             return None
         group = self.root[f"reduced/{key}"]
-        return {name: array[...] for name, array in group.arrays()
-                if names is None or names(name)}, attrs
+        return {
+            name: array[...] for name, array in group.arrays() if names is None or names(name)
+        }, attrs
 
     def reductions(self) -> Iterator[tuple[str, dict[str, Any]]]:
         if "reduced" not in self.root:
@@ -273,8 +315,9 @@ class FeatureStore:
             yield key, self.root[f"reduced/{key}"].attrs.asdict()
 
     @contextlib.contextmanager
-    def locked(self, keys: list[str], on_wait: Callable[[], None] | None = None,
-               wait: bool = True) -> Iterator[bool]:
+    def locked(
+        self, keys: list[str], on_wait: Callable[[], None] | None = None, wait: bool = True
+    ) -> Iterator[bool]:
         """Hold an exclusive lock per key while computing or writing it (local stores only).
 
         A second process extracting the same features waits here, then finds them complete:
@@ -304,9 +347,13 @@ class FeatureStore:
     # maintenance
     def find(self, prefix: str) -> tuple[str, str]:
         """Resolve a (possibly shortened) key to ('features'|'reduced'|'manifests', full key)."""
-        matches = [(kind, key) for kind in ("features", "reduced", "manifests")
-                   if kind in self.root
-                   for key in self.root[kind].group_keys() if key.startswith(prefix)]
+        matches = [
+            (kind, key)
+            for kind in ("features", "reduced", "manifests")
+            if kind in self.root
+            for key in self.root[kind].group_keys()
+            if key.startswith(prefix)
+        ]
         if not matches:
             raise StoreError(f"no key starting with {prefix!r} in {self.location}")
         if len(matches) > 1:

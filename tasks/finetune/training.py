@@ -129,9 +129,14 @@ EpochCallback = Callable[[EpochLog], None]
 
 
 def _log_epoch(entry: EpochLog) -> None:
-    logger.info("phase %d epoch %d/%d: %s (%.1f s)", entry.phase, entry.epoch,
-                entry.epochs_planned,
-                ", ".join(f"{k} {v:.4f}" for k, v in entry.metrics.items()), entry.seconds)
+    logger.info(
+        "phase %d epoch %d/%d: %s (%.1f s)",
+        entry.phase,
+        entry.epoch,
+        entry.epochs_planned,
+        ", ".join(f"{k} {v:.4f}" for k, v in entry.metrics.items()),
+        entry.seconds,
+    )
 
 
 def resolved(settings: FinetuneSettings) -> FinetuneSettings:
@@ -139,8 +144,13 @@ def resolved(settings: FinetuneSettings) -> FinetuneSettings:
     spec = get_spec(settings.backbone)
     size = settings.image_size or spec.default_size
     check_input_size(spec, size)
-    return replace(settings, backbone=spec.name, image_size=size, head=tuple(settings.head),
-                   optimizer=settings.optimizer.lower())
+    return replace(
+        settings,
+        backbone=spec.name,
+        image_size=size,
+        head=tuple(settings.head),
+        optimizer=settings.optimizer.lower(),
+    )
 
 
 def augmentation(settings: FinetuneSettings):
@@ -160,16 +170,26 @@ def augmentation(settings: FinetuneSettings):
     if settings.zoom:
         layers.append(keras.layers.RandomZoom(settings.zoom, seed=seed + 2))
     if settings.translation:
-        layers.append(keras.layers.RandomTranslation(settings.translation, settings.translation,
-                                                     seed=seed + 3))
+        layers.append(
+            keras.layers.RandomTranslation(
+                settings.translation, settings.translation, seed=seed + 3
+            )
+        )
     if settings.contrast:
         layers.append(keras.layers.RandomContrast(settings.contrast, seed=seed + 4))
     return keras.Sequential(layers, name="augmentation") if layers else None
 
 
-def image_dataset(paths: Sequence[str | Path], labels: Sequence[int] | None, image_size: int,
-                  preprocess: Callable, batch_size: int, *, augment=None,
-                  shuffle_seed: int | None = None):
+def image_dataset(
+    paths: Sequence[str | Path],
+    labels: Sequence[int] | None,
+    image_size: int,
+    preprocess: Callable,
+    batch_size: int,
+    *,
+    augment=None,
+    shuffle_seed: int | None = None,
+):
     """A tf.data pipeline from files: (shuffle paths) -> parallel Pillow decode -> batch ->
     (augment) -> preprocess_input -> prefetch. Only paths sit in memory, never the images."""
     import tensorflow as tf
@@ -184,16 +204,18 @@ def image_dataset(paths: Sequence[str | Path], labels: Sequence[int] | None, ima
         dataset = dataset.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
 
     def decode(path, *rest):
-        image = tf.py_function(lambda p: load_rgb(p.numpy().decode(), image_size), [path],
-                               tf.float32)
+        image = tf.py_function(
+            lambda p: load_rgb(p.numpy().decode(), image_size), [path], tf.float32
+        )
         image.set_shape((image_size, image_size, 3))
         return (image, *rest)
 
     auto = tf.data.AUTOTUNE
     dataset = dataset.map(decode, num_parallel_calls=auto).batch(batch_size)
     if augment is not None:
-        dataset = dataset.map(lambda x, *rest: (augment(x, training=True), *rest),
-                              num_parallel_calls=auto)
+        dataset = dataset.map(
+            lambda x, *rest: (augment(x, training=True), *rest), num_parallel_calls=auto
+        )
     dataset = dataset.map(lambda x, *rest: (preprocess(x), *rest), num_parallel_calls=auto)
     return dataset.prefetch(auto)
 
@@ -210,8 +232,9 @@ def build_finetune_model(settings: FinetuneSettings, n_classes: int):
 
     spec = get_spec(settings.backbone)
     keras.utils.set_random_seed(settings.seed)
-    base = build_base(spec, resolve_weights(spec, settings.weights, settings.seed),
-                      settings.image_size)
+    base = build_base(
+        spec, resolve_weights(spec, settings.weights, settings.seed), settings.image_size
+    )
     phase2_layers(base, settings)
     base.trainable = False
     inputs = keras.Input((settings.image_size, settings.image_size, 3), name="image")
@@ -220,8 +243,9 @@ def build_finetune_model(settings: FinetuneSettings, n_classes: int):
         x = keras.layers.BatchNormalization(name="head_norm")(x)
     for i, units in enumerate(settings.head, start=1):
         x = keras.layers.Dense(units, activation="relu", name=f"head_dense{i}")(x)
-        x = keras.layers.Dropout(settings.dropout, seed=settings.seed + i,
-                                 name=f"head_dropout{i}")(x)
+        x = keras.layers.Dropout(settings.dropout, seed=settings.seed + i, name=f"head_dropout{i}")(
+            x
+        )
     outputs = keras.layers.Dense(n_classes, activation="softmax", name="head_softmax")(x)
     return keras.Model(inputs, outputs, name=f"{spec.name}_finetune")
 
@@ -238,11 +262,13 @@ def phase2_layers(base, settings: FinetuneSettings) -> list:
     if settings.unfreeze_from:
         names = [layer.name for layer in layers]
         if settings.unfreeze_from not in names:
-            raise BackboneError(f"unknown layer {settings.unfreeze_from!r} for "
-                                f"{settings.backbone}; layers: {', '.join(names)}")
-        chosen = layers[names.index(settings.unfreeze_from):]
+            raise BackboneError(
+                f"unknown layer {settings.unfreeze_from!r} for "
+                f"{settings.backbone}; layers: {', '.join(names)}"
+            )
+        chosen = layers[names.index(settings.unfreeze_from) :]
     else:
-        chosen = layers[len(layers) - settings.unfreeze_last:] if settings.unfreeze_last else []
+        chosen = layers[len(layers) - settings.unfreeze_last :] if settings.unfreeze_last else []
     return [layer for layer in chosen if not isinstance(layer, keras.layers.BatchNormalization)]
 
 
@@ -255,10 +281,10 @@ def _base(model):
 def _compile(model, settings: FinetuneSettings, learning_rate: float) -> None:
     import keras
 
-    optimizer = keras.optimizers.get({"class_name": settings.optimizer,
-                                      "config": {"learning_rate": learning_rate}})
-    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
+    optimizer = keras.optimizers.get(
+        {"class_name": settings.optimizer, "config": {"learning_rate": learning_rate}}
+    )
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
 
 
 def _unfreeze(model, settings: FinetuneSettings) -> int:
@@ -274,8 +300,9 @@ def _unfreeze(model, settings: FinetuneSettings) -> int:
     return len(chosen)
 
 
-def validation_rows(manifest: Manifest, train_rows: np.ndarray, fraction: float,
-                    seed: int) -> tuple[np.ndarray, np.ndarray]:
+def validation_rows(
+    manifest: Manifest, train_rows: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(fit_rows, val_rows): the dataset's own valid/ rows if the training rows hold any,
     else a seeded split of the training rows, stratified when the classes allow it."""
     train_rows = np.asarray(train_rows)
@@ -307,15 +334,21 @@ def _resumed_state(run_dir: Path, settings: dict, keys: dict) -> TrainState | No
     state = read_state(run_dir)
     if state is None:
         return None
-    changed = sorted(k for k in settings.keys() | state.settings.keys()
-                     if settings.get(k) != state.settings.get(k))
+    changed = sorted(
+        k
+        for k in settings.keys() | state.settings.keys()
+        if settings.get(k) != state.settings.get(k)
+    )
     changed += sorted(k for k in keys if keys[k] != state.keys.get(k))
     if changed:
-        raise FinetuneError(f"cannot resume {run_dir.name}: {', '.join(changed)} differ from the "
-                            "interrupted run; resume with its settings or start a new run")
+        raise FinetuneError(
+            f"cannot resume {run_dir.name}: {', '.join(changed)} differ from the "
+            "interrupted run; resume with its settings or start a new run"
+        )
     if not _zip_intact(run_dir / CHECKPOINTS / LAST_FILE):
-        raise FinetuneError(f"{run_dir / CHECKPOINTS / LAST_FILE} is missing or damaged; "
-                            "start a new run")
+        raise FinetuneError(
+            f"{run_dir / CHECKPOINTS / LAST_FILE} is missing or damaged; start a new run"
+        )
     if not _zip_intact(run_dir / CHECKPOINTS / BEST_FILE):
         state.best_val_loss = None  # killed while saving it: the next epoch saves a new best
     state.resumes += 1
@@ -323,12 +356,19 @@ def _resumed_state(run_dir: Path, settings: dict, keys: dict) -> TrainState | No
 
 
 def _save_state(run_dir: Path, state: TrainState) -> None:
-    atomic_write(run_dir / CHECKPOINTS / STATE_FILE,
-                  lambda p: p.write_text(json.dumps(asdict(state), indent=1)))
+    atomic_write(
+        run_dir / CHECKPOINTS / STATE_FILE,
+        lambda p: p.write_text(json.dumps(asdict(state), indent=1)),
+    )
 
 
-def _callbacks(run_dir: Path, state: TrainState, settings: FinetuneSettings, planned: int,
-               on_epoch: EpochCallback) -> list:
+def _callbacks(
+    run_dir: Path,
+    state: TrainState,
+    settings: FinetuneSettings,
+    planned: int,
+    on_epoch: EpochCallback,
+) -> list:
     """Best checkpoint, resumable early stopping, then last checkpoint + state, in that order:
     state.json is written last, so it never claims an epoch whose files are not on disk."""
     import keras
@@ -362,8 +402,11 @@ def _callbacks(run_dir: Path, state: TrainState, settings: FinetuneSettings, pla
             on_epoch(EpochLog(state.phase, epoch + 1, planned, metrics, seconds))
 
     checkpoint = keras.callbacks.ModelCheckpoint(
-        str(run_dir / CHECKPOINTS / BEST_FILE), monitor="val_loss", save_best_only=True,
-        initial_value_threshold=state.best_val_loss)
+        str(run_dir / CHECKPOINTS / BEST_FILE),
+        monitor="val_loss",
+        save_best_only=True,
+        initial_value_threshold=state.best_val_loss,
+    )
     stopper = ResumableEarlyStopping(monitor="val_loss", patience=settings.patience)
     return [checkpoint, stopper, SaveState()]
 
@@ -373,9 +416,15 @@ def _phase_done(state: TrainState, settings: FinetuneSettings) -> bool:
     return state.phase_epoch >= epochs or state.wait >= settings.patience
 
 
-def train(model, datasets: Callable[[int], tuple], run_dir: Path, state: TrainState,
-          settings: FinetuneSettings, on_epoch: EpochCallback = _log_epoch,
-          callbacks: Sequence = ()) -> None:
+def train(
+    model,
+    datasets: Callable[[int], tuple],
+    run_dir: Path,
+    state: TrainState,
+    settings: FinetuneSettings,
+    on_epoch: EpochCallback = _log_epoch,
+    callbacks: Sequence = (),
+) -> None:
     """Run (or continue) phase 1 then phase 2, checkpointing every epoch into run_dir.
 
     `model` is the freshly built model, or the last checkpoint when resuming; `datasets(seed)`
@@ -393,21 +442,37 @@ def train(model, datasets: Callable[[int], tuple], run_dir: Path, state: TrainSt
             continue
         if state.phase == 2 and state.phase_epoch == 0:
             count = _unfreeze(model, settings)
-            logger.info("phase 2: %d base layers trainable, learning rate %g", count,
-                        settings.phase2_learning_rate)
+            logger.info(
+                "phase 2: %d base layers trainable, learning rate %g",
+                count,
+                settings.phase2_learning_rate,
+            )
         epochs = settings.phase1_epochs if state.phase == 1 else settings.phase2_epochs
         keras.utils.set_random_seed(settings.seed + state.epoch)
         train_data, val_data = datasets(settings.seed + state.epoch)
-        model.fit(train_data, validation_data=val_data, initial_epoch=state.epoch,
-                  epochs=state.epoch + epochs - state.phase_epoch, verbose=0, shuffle=False,
-                  callbacks=[*_callbacks(run_dir, state, settings, planned, on_epoch),
-                             *callbacks])
+        model.fit(
+            train_data,
+            validation_data=val_data,
+            initial_epoch=state.epoch,
+            epochs=state.epoch + epochs - state.phase_epoch,
+            verbose=0,
+            shuffle=False,
+            callbacks=[*_callbacks(run_dir, state, settings, planned, on_epoch), *callbacks],
+        )
 
 
-def run_finetune(manifest: Manifest, train_rows: np.ndarray, test_rows: np.ndarray,
-                 settings: FinetuneSettings, run_dir: Path, *,
-                 run_settings: dict | None = None, extras: dict | None = None,
-                 on_epoch: EpochCallback = _log_epoch, callbacks: Sequence = ()) -> dict:
+def run_finetune(
+    manifest: Manifest,
+    train_rows: np.ndarray,
+    test_rows: np.ndarray,
+    settings: FinetuneSettings,
+    run_dir: Path,
+    *,
+    run_settings: dict | None = None,
+    extras: dict | None = None,
+    on_epoch: EpochCallback = _log_epoch,
+    callbacks: Sequence = (),
+) -> dict:
     """Fine-tune on the training rows, evaluate the best checkpoint on the test rows, and
     write the run folder; returns report.json's content.
 
@@ -422,15 +487,27 @@ def run_finetune(manifest: Manifest, train_rows: np.ndarray, test_rows: np.ndarr
     run_dir = Path(run_dir)
     spec = get_spec(settings.backbone)
     weights = resolve_weights(spec, settings.weights, settings.seed)
-    fit_rows, val_rows = validation_rows(manifest, train_rows, settings.validation_fraction,
-                                         settings.seed)
+    fit_rows, val_rows = validation_rows(
+        manifest, train_rows, settings.validation_fraction, settings.seed
+    )
     if not len(fit_rows) or not len(val_rows) or not len(test_rows):
-        raise FinetuneError(f"need training, validation and test images; got {len(fit_rows)}, "
-                            f"{len(val_rows)} and {len(test_rows)}")
-    keys = {"manifest": manifest.key, "weights": weights.identity, "fit_rows": rows_key(fit_rows),
-            "valid_rows": rows_key(val_rows), "test_rows": rows_key(test_rows)}
-    report_settings = {"dataset": manifest.root, "layer": MODEL_NAME, **(run_settings or {}),
-                       **asdict(settings)}
+        raise FinetuneError(
+            f"need training, validation and test images; got {len(fit_rows)}, "
+            f"{len(val_rows)} and {len(test_rows)}"
+        )
+    keys = {
+        "manifest": manifest.key,
+        "weights": weights.identity,
+        "fit_rows": rows_key(fit_rows),
+        "valid_rows": rows_key(val_rows),
+        "test_rows": rows_key(test_rows),
+    }
+    report_settings = {
+        "dataset": manifest.root,
+        "layer": MODEL_NAME,
+        **(run_settings or {}),
+        **asdict(settings),
+    }
     stored = json.loads(json.dumps(asdict(settings)))  # tuples -> lists, as read back from JSON
     state = _resumed_state(run_dir, stored, keys)
     if state is None:
@@ -439,25 +516,41 @@ def run_finetune(manifest: Manifest, train_rows: np.ndarray, test_rows: np.ndarr
         model = build_finetune_model(settings, len(manifest.class_names))
         _compile(model, settings, settings.phase1_learning_rate)
     else:
-        logger.info("resuming %s at epoch %d (phase %d)", run_dir.name, state.epoch + 1,
-                    state.phase)
+        logger.info(
+            "resuming %s at epoch %d (phase %d)", run_dir.name, state.epoch + 1, state.phase
+        )
         model = keras.saving.load_model(run_dir / CHECKPOINTS / LAST_FILE)
 
     labels = np.asarray(manifest.labels)
     preprocess = load_preprocess(spec)
 
     def pipeline(rows: np.ndarray, augment=None, shuffle_seed: int | None = None):
-        return image_dataset(manifest.paths(rows), labels[rows],
-                             settings.image_size, preprocess, settings.batch_size,
-                             augment=augment, shuffle_seed=shuffle_seed)
+        return image_dataset(
+            manifest.paths(rows),
+            labels[rows],
+            settings.image_size,
+            preprocess,
+            settings.batch_size,
+            augment=augment,
+            shuffle_seed=shuffle_seed,
+        )
 
     augment = augmentation(settings)
-    train(model, lambda seed: (pipeline(fit_rows, augment, seed), pipeline(val_rows)), run_dir,
-          state, settings, on_epoch, callbacks)
+    train(
+        model,
+        lambda seed: (pipeline(fit_rows, augment, seed), pipeline(val_rows)),
+        run_dir,
+        state,
+        settings,
+        on_epoch,
+        callbacks,
+    )
 
     if state.best_val_loss is None or not math.isfinite(state.best_val_loss):
-        raise FinetuneError("the best checkpoint has no finite val_loss (training diverged); "
-                            "lower the learning rate or try batch_norm")
+        raise FinetuneError(
+            "the best checkpoint has no finite val_loss (training diverged); "
+            "lower the learning rate or try batch_norm"
+        )
     # Without its optimizer state the saved model is half the size and needs no compile.
     best = keras.saving.load_model(run_dir / CHECKPOINTS / BEST_FILE, compile=False)
     began = time.perf_counter()
@@ -466,36 +559,59 @@ def run_finetune(manifest: Manifest, train_rows: np.ndarray, test_rows: np.ndarr
     y_test, y_pred = labels[test_rows], np.argmax(probabilities, axis=1)
     metrics, confusion = classification_metrics(y_test, y_pred, manifest.class_names)
     result = ClassifierResult(
-        name=MODEL_NAME, model=best, y_pred=y_pred, scores=probabilities, metrics=metrics,
-        confusion=confusion, fit_seconds=state.train_seconds, predict_seconds=predict_seconds,
+        name=MODEL_NAME,
+        model=best,
+        y_pred=y_pred,
+        scores=probabilities,
+        metrics=metrics,
+        confusion=confusion,
+        fit_seconds=state.train_seconds,
+        predict_seconds=predict_seconds,
         history=state.history,
-        best_params={"best_epoch": state.best_epoch, "epochs_run": state.epoch,
-                     "best_val_loss": state.best_val_loss})
-    info = {"n_train": len(fit_rows), "n_valid": len(val_rows), "n_test": len(test_rows),
-            "resumes": state.resumes, "train_seconds": state.train_seconds, **(extras or {})}
-    report = write_run(run_dir, settings=state.run_settings, keys=keys, results=[result],
-                       class_names=manifest.class_names,
-                       test_files=[manifest.records[i].path for i in test_rows], y_test=y_test,
-                       extras=info)
+        best_params={
+            "best_epoch": state.best_epoch,
+            "epochs_run": state.epoch,
+            "best_val_loss": state.best_val_loss,
+        },
+    )
+    info = {
+        "n_train": len(fit_rows),
+        "n_valid": len(val_rows),
+        "n_test": len(test_rows),
+        "resumes": state.resumes,
+        "train_seconds": state.train_seconds,
+        **(extras or {}),
+    }
+    report = write_run(
+        run_dir,
+        settings=state.run_settings,
+        keys=keys,
+        results=[result],
+        class_names=manifest.class_names,
+        test_files=[manifest.records[i].path for i in test_rows],
+        y_test=y_test,
+        extras=info,
+    )
     for name in (BEST_FILE, LAST_FILE):  # models/ holds the best model now; resume is over
         (run_dir / CHECKPOINTS / name).unlink()
     return report
 
 
-def predict_finetuned(run_dir: Path, paths: Sequence[str | Path],
-                      batch_size: int = 32) -> tuple[list[str], np.ndarray]:
+def predict_finetuned(
+    run_dir: Path, paths: Sequence[str | Path], batch_size: int = 32
+) -> tuple[list[str], np.ndarray]:
     """Class names and softmax probabilities of a fine-tuned run's model for image files,
     decoded and preprocessed exactly as in training (augmentation off)."""
     report = read_report(run_dir)
     if MODEL_NAME not in report["classifiers"]:
-        raise FinetuneError(f"run {Path(run_dir).name} is not a fine-tuning run "
-                            f"(its models: {', '.join(report['classifiers'])})")
+        raise FinetuneError(
+            f"run {Path(run_dir).name} is not a fine-tuning run "
+            f"(its models: {', '.join(report['classifiers'])})"
+        )
     settings = report["settings"]
     spec = get_spec(settings["backbone"])
     model = load_model(run_dir, MODEL_NAME)
-    dataset = image_dataset(paths, None, settings["image_size"], load_preprocess(spec),
-                            batch_size)
+    dataset = image_dataset(paths, None, settings["image_size"], load_preprocess(spec), batch_size)
     probabilities = np.asarray(model.predict(dataset, verbose=0))
     names = report["class_names"]
     return [names[i] for i in np.argmax(probabilities, axis=1)], probabilities
-

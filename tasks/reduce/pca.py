@@ -340,7 +340,8 @@ class ScaledPCA(BaseEstimator):
         stats pass and one streaming pass; rows go in batches of `batch_size` (>= n_components).
 
         Tolerance: with batch_size >= all rows nothing is truncated and two calls equal sklearn
-        on the concatenation; in tests/tasks/reduce/test_pca.py (keeping 128 of 599 directions) two calls
+        on the concatenation; in tests/tasks/reduce/test_pca.py (keeping 128 of 599 directions)
+        two calls
         vs one fit differ by < 1e-4 in explained variance ratio and < 0.01 rad on the top-10
         subspace (measured 3e-6 and 1.4e-3).
         """

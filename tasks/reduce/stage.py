@@ -52,41 +52,60 @@ class PcaSettings:
     def identity(self) -> dict:
         """The part of a reduction's key these settings decide (as before `components`
         existed when it is unset, so earlier reductions stay valid)."""
-        cut = {"variance": self.variance} if self.components is None else {
-            "components": self.components}
+        cut = (
+            {"variance": self.variance}
+            if self.components is None
+            else {"components": self.components}
+        )
         return {"method": self.method, **cut}
 
 
 def reduce_key(feature_key: str, train_rows: np.ndarray, pca: PcaSettings) -> str:
     """Content key of a reduction: features + train rows + scaling/PCA settings."""
-    identity = {"feature_key": feature_key, "train_rows": rows_key(train_rows),
-                "scaling": "minmax", **pca.identity(), "version": REDUCE_VERSION}
+    identity = {
+        "feature_key": feature_key,
+        "train_rows": rows_key(train_rows),
+        "scaling": "minmax",
+        **pca.identity(),
+        "version": REDUCE_VERSION,
+    }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def cached_reduction(store: FeatureStore, feature_key: str, train_rows: np.ndarray,
-                     pca: PcaSettings = PcaSettings()) -> ReduceOutcome | None:
+def cached_reduction(
+    store: FeatureStore, feature_key: str, train_rows: np.ndarray, pca: PcaSettings = PcaSettings()
+) -> ReduceOutcome | None:
     """The stored reduction for these settings, if any (cheap: no Dask cluster needed)."""
     began = time.perf_counter()
     key = reduce_key(feature_key, train_rows, pca)
     attrs = store.reduction_attrs(key)
     if attrs is None:
         return None
-    return ReduceOutcome(key, feature_key, attrs["n_components"], attrs["method"], True,
-                         time.perf_counter() - began, attrs["explained_variance"])
+    return ReduceOutcome(
+        key,
+        feature_key,
+        attrs["n_components"],
+        attrs["method"],
+        True,
+        time.perf_counter() - began,
+        attrs["explained_variance"],
+    )
 
 
 def _check_components(pca: PcaSettings, n_train: int, n_features: int) -> None:
     """PCA of n centred rows has at most n - 1 components (and no more than features)."""
     limit = min(n_train - 1, n_features)
     if pca.components is not None and pca.components > limit:
-        raise UserError(f"--components {pca.components} is more than PCA can give here: at most "
-                        f"{limit} ({n_train} training images - 1, {n_features} features); "
-                        "ask for fewer, or use --variance")
+        raise UserError(
+            f"--components {pca.components} is more than PCA can give here: at most "
+            f"{limit} ({n_train} training images - 1, {n_features} features); "
+            "ask for fewer, or use --variance"
+        )
 
 
-def reduce_cached(store: FeatureStore, feature_key: str, train_rows: np.ndarray,
-                  pca: PcaSettings = PcaSettings()) -> ReduceOutcome:
+def reduce_cached(
+    store: FeatureStore, feature_key: str, train_rows: np.ndarray, pca: PcaSettings = PcaSettings()
+) -> ReduceOutcome:
     """Fit min-max + PCA on the train rows only, project every row, and store both.
 
     Runs on whatever Dask scheduler is active (a distributed client if one is open).
@@ -103,12 +122,16 @@ def reduce_cached(store: FeatureStore, feature_key: str, train_rows: np.ndarray,
         raise StoreError(f"features {feature_key} are missing or incomplete: run extract first")
     _check_components(pca, len(train_rows), features.data.shape[1])
     data = features.as_dask()
-    base = _incremental_base(store, feature_key, train_rows, pca) \
-        if pca.method == "incremental" else None
+    base = (
+        _incremental_base(store, feature_key, train_rows, pca)
+        if pca.method == "incremental"
+        else None
+    )
     lineage = {}
     if base is None:
-        fitted = ScaledPCA(variance=pca.variance, n_components=pca.components,
-                           method=pca.method).fit(data[np.sort(train_rows)])
+        fitted = ScaledPCA(
+            variance=pca.variance, n_components=pca.components, method=pca.method
+        ).fit(data[np.sort(train_rows)])
     else:  # a grown dataset: update the earlier fit with the new training rows only
         base_key, new_rows = base
         fitted = load_pca(store, base_key)
@@ -118,19 +141,37 @@ def reduce_cached(store: FeatureStore, feature_key: str, train_rows: np.ndarray,
     projected = fitted.project(data)
     state, state_attrs = fitted.to_state()
     explained = float(np.sum(fitted.explained_variance_ratio_))
-    attrs = {"feature_key": feature_key, "method": fitted.method_,
-             "n_components": int(fitted.n_components_),
-             "variance": pca.target, "components": pca.components,
-             "explained_variance": explained, "train_rows": np.sort(train_rows).tolist(),
-             "pca": state_attrs, "seconds": time.perf_counter() - began, **lineage}
-    store.save_reduction(key, {"projected": projected,
-                               **{f"pca_{name}": value for name, value in state.items()}}, attrs)
-    return ReduceOutcome(key, feature_key, int(fitted.n_components_), fitted.method_, False,
-                         time.perf_counter() - began, explained)
+    attrs = {
+        "feature_key": feature_key,
+        "method": fitted.method_,
+        "n_components": int(fitted.n_components_),
+        "variance": pca.target,
+        "components": pca.components,
+        "explained_variance": explained,
+        "train_rows": np.sort(train_rows).tolist(),
+        "pca": state_attrs,
+        "seconds": time.perf_counter() - began,
+        **lineage,
+    }
+    store.save_reduction(
+        key,
+        {"projected": projected, **{f"pca_{name}": value for name, value in state.items()}},
+        attrs,
+    )
+    return ReduceOutcome(
+        key,
+        feature_key,
+        int(fitted.n_components_),
+        fitted.method_,
+        False,
+        time.perf_counter() - began,
+        explained,
+    )
 
 
-def _incremental_base(store: FeatureStore, feature_key: str, train_rows: np.ndarray,
-                      pca: PcaSettings) -> tuple[str, list[int]] | None:
+def _incremental_base(
+    store: FeatureStore, feature_key: str, train_rows: np.ndarray, pca: PcaSettings
+) -> tuple[str, list[int]] | None:
     """An incremental reduction of an earlier version of this dataset (same extraction
     settings, another manifest) whose training images are all among ours: its key and the
     training rows it has not seen. The closest one (fewest new rows) wins."""
@@ -141,9 +182,13 @@ def _incremental_base(store: FeatureStore, feature_key: str, train_rows: np.ndar
     our_train = Counter(ours.records[r].sha256 for r in train_rows)
     best: tuple[int, str, list[int]] | None = None
     for key, attrs in store.reductions():
-        if (attrs.get("method") != "incremental" or attrs.get("variance") != pca.target
-                or attrs.get("components") != pca.components or not attrs.get("complete")
-                or attrs.get("feature_key") == feature_key):
+        if (
+            attrs.get("method") != "incremental"
+            or attrs.get("variance") != pca.target
+            or attrs.get("components") != pca.components
+            or not attrs.get("complete")
+            or attrs.get("feature_key") == feature_key
+        ):
             continue
         sibling = store.feature_array(attrs["feature_key"])
         if sibling is None or not same_settings(sibling.attrs, our_settings):
@@ -181,14 +226,23 @@ def load_pca(store: FeatureStore, key: str):
     if loaded is None:
         raise StoreError(f"no complete reduction {key} in {store.location}")
     arrays, attrs = loaded
-    state = {name[len("pca_"):]: value for name, value in arrays.items()}
+    state = {name[len("pca_") :]: value for name, value in arrays.items()}
     return ScaledPCA.from_state(state, attrs["pca"])
 
 
-def classify_run(store: FeatureStore, manifest: Manifest, reduction: ReduceOutcome,
-                 train_rows: np.ndarray, test_rows: np.ndarray, classifiers: list[str],
-                 run_dir: Path, settings: dict, seed: int = 0, extras: dict | None = None,
-                 options: dict[str, dict] | None = None) -> dict:
+def classify_run(
+    store: FeatureStore,
+    manifest: Manifest,
+    reduction: ReduceOutcome,
+    train_rows: np.ndarray,
+    test_rows: np.ndarray,
+    classifiers: list[str],
+    run_dir: Path,
+    settings: dict,
+    seed: int = 0,
+    extras: dict | None = None,
+    options: dict[str, dict] | None = None,
+) -> dict:
     """Fit every classifier on cached reduced rows, evaluate on the test rows, write the run."""
     from tasks.classify.models import train_and_evaluate
     from tasks.runs.plots import explained_variance_png
@@ -196,22 +250,43 @@ def classify_run(store: FeatureStore, manifest: Manifest, reduction: ReduceOutco
 
     projected, attrs = load_projected(store, reduction.key)
     labels = np.asarray(manifest.labels)
-    results = [train_and_evaluate(name, projected[train_rows], labels[train_rows],
-                                  projected[test_rows], labels[test_rows],
-                                  manifest.class_names, options=(options or {}).get(name),
-                                  seed=seed)
-               for name in classifiers]
+    results = [
+        train_and_evaluate(
+            name,
+            projected[train_rows],
+            labels[train_rows],
+            projected[test_rows],
+            labels[test_rows],
+            manifest.class_names,
+            options=(options or {}).get(name),
+            seed=seed,
+        )
+        for name in classifiers
+    ]
     run_dir.mkdir(parents=True, exist_ok=True)
-    plot = explained_variance_png(np.asarray(attrs["pca"]["cumulative_variance_ratio"]),
-                                  reduction.n_components, attrs["variance"],
-                                  run_dir / "pca_variance.png")
-    keys = {"manifest": manifest.key, "features": reduction.feature_key,
-            "reduction": reduction.key}
-    info = {"n_components": reduction.n_components, "pca_method": reduction.method,
-            "explained_variance": reduction.explained_variance,
-            "pca_variance_plot": plot.name,
-            "n_train": int(len(train_rows)), "n_test": int(len(test_rows)), **(extras or {})}
-    return write_run(run_dir, settings=settings, keys=keys, results=results,
-                     class_names=manifest.class_names,
-                     test_files=[manifest.records[i].path for i in test_rows],
-                     y_test=labels[test_rows], extras=info)
+    plot = explained_variance_png(
+        np.asarray(attrs["pca"]["cumulative_variance_ratio"]),
+        reduction.n_components,
+        attrs["variance"],
+        run_dir / "pca_variance.png",
+    )
+    keys = {"manifest": manifest.key, "features": reduction.feature_key, "reduction": reduction.key}
+    info = {
+        "n_components": reduction.n_components,
+        "pca_method": reduction.method,
+        "explained_variance": reduction.explained_variance,
+        "pca_variance_plot": plot.name,
+        "n_train": int(len(train_rows)),
+        "n_test": int(len(test_rows)),
+        **(extras or {}),
+    }
+    return write_run(
+        run_dir,
+        settings=settings,
+        keys=keys,
+        results=results,
+        class_names=manifest.class_names,
+        test_files=[manifest.records[i].path for i in test_rows],
+        y_test=labels[test_rows],
+        extras=info,
+    )

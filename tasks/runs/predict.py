@@ -32,8 +32,9 @@ def scan_unlabelled(folder: Path) -> Manifest:
         if reason:
             skipped.append(Skipped(path.name, reason))
             continue
-        records.append(ImageRecord(path.name, UNLABELLED, "all", path.stat().st_size,
-                                   file_sha256(path)))
+        records.append(
+            ImageRecord(path.name, UNLABELLED, "all", path.stat().st_size, file_sha256(path))
+        )
     if not records:
         raise UserError(f"no readable images in {folder}")
     return Manifest(str(folder.resolve()), records, [UNLABELLED], skipped)
@@ -51,22 +52,30 @@ def scan_for_prediction(folder: str | Path) -> Manifest:
 def extract_settings_of(report: dict) -> ExtractSettings:
     """The extraction settings a run's features were made with."""
     settings = report["settings"]
-    return ExtractSettings(backbone=settings["backbone"], weights=settings["weights"],
-                           layers=(settings["layer"],), image_size=settings.get("image_size"),
-                           pooling=settings.get("pooling"), dtype=settings.get("dtype", "float32"),
-                           seed=settings.get("seed", 0))
+    return ExtractSettings(
+        backbone=settings["backbone"],
+        weights=settings["weights"],
+        layers=(settings["layer"],),
+        image_size=settings.get("image_size"),
+        pooling=settings.get("pooling"),
+        dtype=settings.get("dtype", "float32"),
+        seed=settings.get("seed", 0),
+    )
 
 
-def predict_folder(run_dir: Path, folder: Path, store: FeatureStore,
-                   classifier: str | None = None) -> tuple[list[dict], Manifest, dict]:
+def predict_folder(
+    run_dir: Path, folder: Path, store: FeatureStore, classifier: str | None = None
+) -> tuple[list[dict], Manifest, dict]:
     """Predict every image of `folder` with one classifier of the run (default: its best)."""
     from tasks.classify.models import predict_scores
 
     report = read_report(run_dir)
     name = classifier or report["best_classifier"]
     if name not in report["classifiers"]:
-        raise UserError(f"run {run_dir.name} has no classifier {name!r}; it has "
-                        f"{', '.join(report['classifiers'])}")
+        raise UserError(
+            f"run {run_dir.name} has no classifier {name!r}; it has "
+            f"{', '.join(report['classifiers'])}"
+        )
     manifest = scan_for_prediction(folder)
     class_names = report["class_names"]
     if name == FINETUNED:  # an end-to-end network: images in, probabilities out
@@ -82,12 +91,16 @@ def predict_folder(run_dir: Path, folder: Path, store: FeatureStore,
         pca = load_pca(store, report["keys"]["reduction"])
         reduced = pca.project(features)
         labels, scores = predict_scores(load_model(run_dir, name), reduced)
-        counts = {"images_computed": result.images_computed,
-                  "images_cached": result.images_cached}
-    rows = [{"file": record.path, "true_class": record.label,
-             "predicted_class": class_names[int(label)],
-             **{f"score_{c}": float(s) for c, s in zip(class_names, row, strict=True)}}
-            for record, label, row in zip(manifest.records, labels, scores, strict=True)]
+        counts = {"images_computed": result.images_computed, "images_cached": result.images_cached}
+    rows = [
+        {
+            "file": record.path,
+            "true_class": record.label,
+            "predicted_class": class_names[int(label)],
+            **{f"score_{c}": float(s) for c, s in zip(class_names, row, strict=True)},
+        }
+        for record, label, row in zip(manifest.records, labels, scores, strict=True)
+    ]
     return rows, manifest, {"classifier": name, **counts}
 
 

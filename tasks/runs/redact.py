@@ -12,15 +12,18 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 MASK = "***"
-SECRET_NAME = re.compile(r"pass(word)?|secret|token|signature|credential|api[_-]?key|auth",
-                         re.IGNORECASE)
+SECRET_NAME = re.compile(
+    r"pass(word)?|secret|token|signature|credential|api[_-]?key|auth", re.IGNORECASE
+)
 
 
 def redact(value: Any) -> Any:
     """A copy of `value` (JSON-like: dicts, lists, strings...) with every credential masked."""
     if isinstance(value, dict):
-        return {key: MASK if SECRET_NAME.search(str(key)) and item else redact(item)
-                for key, item in value.items()}
+        return {
+            key: MASK if SECRET_NAME.search(str(key)) and item else redact(item)
+            for key, item in value.items()
+        }
     if isinstance(value, list | tuple):
         return [redact(item) for item in value]
     if isinstance(value, str) and "://" in value:
@@ -43,6 +46,8 @@ def redact_url(url: str) -> str:
     if query:
         pairs = parse_qsl(query, keep_blank_values=True)
         if any(SECRET_NAME.search(name) for name, _ in pairs):
-            query = urlencode([(name, MASK if SECRET_NAME.search(name) else item)
-                               for name, item in pairs], safe="*")
+            query = urlencode(
+                [(name, MASK if SECRET_NAME.search(name) else item) for name, item in pairs],
+                safe="*",
+            )
     return urlunsplit(parts._replace(netloc=netloc, query=query))

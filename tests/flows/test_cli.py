@@ -14,18 +14,42 @@ ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PREFECT_LOGGING_LEVEL": "WARN
 
 
 def featurepipe(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows", *args], cwd=cwd, env=ENV,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "flows", *args],
+        cwd=cwd,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.fixture(scope="module")
 def first_and_second_run(digits_tree: Path, tmp_path_factory: pytest.TempPathFactory):
     """Two identical `featurepipe run --json` calls on the digits: the second must be cached."""
     work = tmp_path_factory.mktemp("cli")
-    args = ("run", "--data", str(digits_tree), "--store", str(work / "store"),
-            "--runs", str(work / "runs"), "--backbone", "vgg16", "--weights", "none",
-            "--image-size", "32", "--layers", "block3_pool", "--pooling", "avg",
-            "--classifiers", "svm,logreg", "--json")
+    args = (
+        "run",
+        "--data",
+        str(digits_tree),
+        "--store",
+        str(work / "store"),
+        "--runs",
+        str(work / "runs"),
+        "--backbone",
+        "vgg16",
+        "--weights",
+        "none",
+        "--image-size",
+        "32",
+        "--layers",
+        "block3_pool",
+        "--pooling",
+        "avg",
+        "--classifiers",
+        "svm,logreg",
+        "--json",
+    )
     runs = [featurepipe(*args, cwd=work) for _ in range(2)]
     for run in runs:
         assert run.returncode == 0, run.stderr[-3000:]
@@ -57,14 +81,36 @@ def test_second_identical_run_computes_nothing(first_and_second_run) -> None:
 def test_classify_only_and_store_commands(first_and_second_run) -> None:
     work, (first, _) = first_and_second_run
     key = first["layers"]["block3_pool"]["feature_key"]
-    classify = featurepipe("classify", "--features", key[:8], "--store", str(work / "store"),
-                           "--runs", str(work / "runs"), "--classifiers", "knn",
-                           "--components", "5", "--json", cwd=work)
+    classify = featurepipe(
+        "classify",
+        "--features",
+        key[:8],
+        "--store",
+        str(work / "store"),
+        "--runs",
+        str(work / "runs"),
+        "--classifiers",
+        "knn",
+        "--components",
+        "5",
+        "--json",
+        cwd=work,
+    )
     assert classify.returncode == 0, classify.stderr[-3000:]
     summary = json.loads(classify.stdout)
     assert list(summary["accuracy"]) == ["knn"] and summary["n_components"] == 5
-    too_many = featurepipe("classify", "--features", key[:8], "--store", str(work / "store"),
-                           "--runs", str(work / "runs"), "--components", "10000", cwd=work)
+    too_many = featurepipe(
+        "classify",
+        "--features",
+        key[:8],
+        "--store",
+        str(work / "store"),
+        "--runs",
+        str(work / "runs"),
+        "--components",
+        "10000",
+        cwd=work,
+    )
     assert too_many.returncode == 2 and "Traceback" not in too_many.stderr
     assert "--components 10000 is more than PCA can give here: at most 111" in too_many.stderr
 
@@ -81,17 +127,27 @@ def test_user_mistakes_are_one_line_errors(tmp_path: Path) -> None:
     assert "dataset folder not found" in missing.stderr and "Traceback" not in missing.stderr
     bad = featurepipe("run", "--data", str(tmp_path), "--variance", "1.5", cwd=tmp_path)
     assert bad.returncode == 2 and "variance" in bad.stderr and "Traceback" not in bad.stderr
-    small = featurepipe("run", "--data", str(tmp_path), "--backbone", "inceptionv3",
-                        "--image-size", "64", cwd=tmp_path)
+    small = featurepipe(
+        "run",
+        "--data",
+        str(tmp_path),
+        "--backbone",
+        "inceptionv3",
+        "--image-size",
+        "64",
+        cwd=tmp_path,
+    )
     assert small.returncode == 2 and small.stderr.strip() == (
         "error: invalid settings: --image-size 64 is too small for inceptionv3: its layers need "
-        "at least 75 px (default 299)")
+        "at least 75 px (default 299)"
+    )
     cron = featurepipe("serve", "--data", str(tmp_path), "--cron", "every day", cwd=tmp_path)
     assert cron.returncode == 2 and "invalid cron expression 'every day'" in cron.stderr
 
 
-def test_predict_writes_a_csv_and_caches_features(first_and_second_run, digits_tree: Path,
-                                                  tmp_path: Path) -> None:
+def test_predict_writes_a_csv_and_caches_features(
+    first_and_second_run, digits_tree: Path, tmp_path: Path
+) -> None:
     import csv
 
     from PIL import Image, ImageOps
@@ -104,8 +160,20 @@ def test_predict_writes_a_csv_and_caches_features(first_and_second_run, digits_t
             shifted = ImageOps.expand(Image.open(source), border=(2, 0, 0, 2))
             shifted.resize((32, 32)).save(new_images / f"{label}_{source.name}")
     out = tmp_path / "predictions.csv"
-    args = ("predict", "--run", first["run_id"], "--data", str(new_images), "--out", str(out),
-            "--store", str(work / "store"), "--runs", str(work / "runs"), "--json")
+    args = (
+        "predict",
+        "--run",
+        first["run_id"],
+        "--data",
+        str(new_images),
+        "--out",
+        str(out),
+        "--store",
+        str(work / "store"),
+        "--runs",
+        str(work / "runs"),
+        "--json",
+    )
     predicted = featurepipe(*args, cwd=work)
     assert predicted.returncode == 0, predicted.stderr[-3000:]
     summary = json.loads(predicted.stdout)
@@ -132,9 +200,14 @@ print(json.dumps({"accuracy": summary["accuracy"],
 def test_classifier_only_rerun_never_loads_tensorflow(first_and_second_run) -> None:
     work, (first, _) = first_and_second_run
     key = first["layers"]["block3_pool"]["feature_key"]
-    done = subprocess.run([sys.executable, "-c", NO_TENSORFLOW, str(work / "store"),
-                           str(work / "runs"), key], cwd=Path(__file__).parents[2], env=ENV,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", NO_TENSORFLOW, str(work / "store"), str(work / "runs"), key],
+        cwd=Path(__file__).parents[2],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["loaded"] == []  # no backbone can be built without TensorFlow
@@ -143,15 +216,34 @@ def test_classifier_only_rerun_never_loads_tensorflow(first_and_second_run) -> N
 
 def test_sweep_compares_layers_in_one_table(first_and_second_run, digits_tree: Path) -> None:
     work, _ = first_and_second_run
-    sweep = featurepipe("sweep", "--data", str(digits_tree), "--store", str(work / "store"),
-                        "--runs", str(work / "runs"), "--weights", "none", "--image-size", "32",
-                        "--layers", "block2_pool,block3_pool", "--pooling", "avg",
-                        "--classifiers", "logreg", "--json", cwd=work)
+    sweep = featurepipe(
+        "sweep",
+        "--data",
+        str(digits_tree),
+        "--store",
+        str(work / "store"),
+        "--runs",
+        str(work / "runs"),
+        "--weights",
+        "none",
+        "--image-size",
+        "32",
+        "--layers",
+        "block2_pool,block3_pool",
+        "--pooling",
+        "avg",
+        "--classifiers",
+        "logreg",
+        "--json",
+        cwd=work,
+    )
     assert sweep.returncode == 0, sweep.stderr[-3000:]
     summary = json.loads(sweep.stdout)
     assert summary["images_computed"] == 150  # block2_pool is new; block3_pool came cached
     assert [(r["layer"], r["classifier"]) for r in summary["sweep"]] == [
-        ("block2_pool", "logreg"), ("block3_pool", "logreg")]
+        ("block2_pool", "logreg"),
+        ("block3_pool", "logreg"),
+    ]
     for path in summary["sweep_files"].values():
         assert Path(path).is_file()
     table = Path(summary["sweep_files"]["md"]).read_text()

@@ -27,8 +27,18 @@ from tests.conftest import write_image
 LAYER = "block1_pool"  # 64x64x64 floats = 1 MiB per image at 128 px: 16 images per chunk
 
 
-FLAGS = ("--backbone", "vgg16", "--weights", "none", "--layers", LAYER, "--image-size", "128",
-         "--batch-size", "8")
+FLAGS = (
+    "--backbone",
+    "vgg16",
+    "--weights",
+    "none",
+    "--layers",
+    LAYER,
+    "--image-size",
+    "128",
+    "--batch-size",
+    "8",
+)
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PREFECT_LOGGING_LEVEL": "WARNING"}
 REPO = Path(__file__).resolve().parents[2]
 
@@ -36,8 +46,9 @@ REPO = Path(__file__).resolve().parents[2]
 def _namespaces_available() -> bool:
     if shutil.which("unshare") is None:
         return False
-    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "true"],
-                           capture_output=True)
+    probe = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True
+    )
     return probe.returncode == 0
 
 
@@ -46,8 +57,9 @@ def _images(folder: Path, count: int) -> tuple[Manifest, ExtractSettings]:
     for i in range(count):
         label, tint = ("a", 120) if i % 2 else ("b", 0)
         write_image(folder / label / f"{i}.png", seed=i, size=64, tint=tint)
-    settings = PipelineSettings(data=folder, backbone="vgg16", weights="none", layers=[LAYER],
-                                image_size=128, batch_size=8)
+    settings = PipelineSettings(
+        data=folder, backbone="vgg16", weights="none", layers=[LAYER], image_size=128, batch_size=8
+    )
     return scan(folder), settings.extract_settings()
 
 
@@ -62,15 +74,17 @@ def _assert_consistent(store_path: Path, key: str) -> tuple[FeatureArray, np.nda
     array = FeatureStore(str(store_path)).feature_array(key)
     done = array.done_flags()
     assert 0 < done.sum() < array.n_chunks  # really stopped part-way through
-    assert array.verify() == [f"chunk {i}: missing (not marked done)"
-                              for i in np.flatnonzero(~done)]
+    assert array.verify() == [
+        f"chunk {i}: missing (not marked done)" for i in np.flatnonzero(~done)
+    ]
     assert not list(store_path.rglob("*.partial"))  # no temporary file left behind
     return array, done
 
 
 def _missing_rows(array: FeatureArray, done: np.ndarray) -> int:
-    return sum(rows.stop - rows.start
-               for rows in (array.chunk_slice(i) for i in np.flatnonzero(~done)))
+    return sum(
+        rows.stop - rows.start for rows in (array.chunk_slice(i) for i in np.flatnonzero(~done))
+    )
 
 
 def _disk_bytes(folder: Path) -> int:
@@ -83,17 +97,35 @@ def _extract_on_small_disk(data: Path, work: Path, disk_bytes: int) -> subproces
     before the namespace (and its mount) goes away."""
     disk, kept = work / "small-disk", work / "kept"
     disk.mkdir()
-    command = [sys.executable, "-m", "flows", "extract", "--data", str(data),
-               "--store", str(disk / "store"), *FLAGS]
-    script = (f"mount -t tmpfs -o size={disk_bytes} tmpfs {shlex.quote(str(disk))} && "
-              f"{shlex.join(command)}; rc=$?; cp -a {shlex.quote(str(disk / 'store'))} "
-              f"{shlex.quote(str(kept))}; exit $rc")
-    return subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
-                          capture_output=True, text=True, env=ENV, timeout=600, cwd=REPO)
+    command = [
+        sys.executable,
+        "-m",
+        "flows",
+        "extract",
+        "--data",
+        str(data),
+        "--store",
+        str(disk / "store"),
+        *FLAGS,
+    ]
+    script = (
+        f"mount -t tmpfs -o size={disk_bytes} tmpfs {shlex.quote(str(disk))} && "
+        f"{shlex.join(command)}; rc=$?; cp -a {shlex.quote(str(disk / 'store'))} "
+        f"{shlex.quote(str(kept))}; exit $rc"
+    )
+    return subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+        cwd=REPO,
+    )
 
 
-@pytest.mark.skipif(not _namespaces_available(),
-                    reason="needs `unshare` with user and mount namespaces")
+@pytest.mark.skipif(
+    not _namespaces_available(), reason="needs `unshare` with user and mount namespaces"
+)
 def test_disk_full_keeps_a_consistent_store_and_resumes(tmp_path: Path) -> None:
     manifest, settings = _images(tmp_path / "images", 64)
     reference_store = FeatureStore(str(tmp_path / "reference"))
@@ -102,8 +134,9 @@ def test_disk_full_keeps_a_consistent_store_and_resumes(tmp_path: Path) -> None:
     assert reference.n_chunks == 4
 
     # room for the metadata and about half of the chunks
-    run = _extract_on_small_disk(tmp_path / "images", tmp_path,
-                                 _disk_bytes(tmp_path / "reference") // 2)
+    run = _extract_on_small_disk(
+        tmp_path / "images", tmp_path, _disk_bytes(tmp_path / "reference") // 2
+    )
     _assert_stopped_cleanly(run, 2, "No space left on device")
     array, done = _assert_consistent(tmp_path / "kept", key)
     for index in np.flatnonzero(done):  # every chunk marked done holds the right numbers

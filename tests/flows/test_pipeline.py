@@ -52,8 +52,9 @@ def _time_out() -> None:
     raise TimeoutError("object store did not answer")
 
 
-def test_pca_progress_lines_reach_the_run_log(caplog: pytest.LogCaptureFixture,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pca_progress_lines_reach_the_run_log(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(reduce, "PROGRESS_SECONDS", 0.0)  # a line per block instead of per 10 s
     rows = da.from_array(np.random.default_rng(0).random((64, 16)), chunks=(8, 16))
 
@@ -66,7 +67,8 @@ def test_pca_progress_lines_reach_the_run_log(caplog: pytest.LogCaptureFixture,
 
 
 def test_extraction_progress_is_logged_when_no_terminal_shows_a_bar(
-        caplog: pytest.LogCaptureFixture) -> None:
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     from flows.progress import ExtractProgress
 
     with ExtractProgress("extract vgg16", log_interval=0.0) as progress:  # pytest: no terminal

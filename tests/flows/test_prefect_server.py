@@ -29,8 +29,14 @@ from tests.prefect_server import (
 
 REPO = Path(__file__).resolve().parents[2]
 POOL = "featurepipe-pool"
-TINY = {"backbone": "vgg16", "weights": "none", "image_size": 32, "layers": ["block2_pool"],
-        "classifiers": ["logreg"], "pooling": "avg"}
+TINY = {
+    "backbone": "vgg16",
+    "weights": "none",
+    "image_size": 32,
+    "layers": ["block2_pool"],
+    "classifiers": ["logreg"],
+    "pooling": "avg",
+}
 FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
@@ -51,18 +57,20 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"data": root / "images", "store": root / "store", "runs": root / "runs"}
 
 
-def _run(args: list[str], env: dict[str, str], cwd: Path = REPO,
-         timeout: float = 240) -> subprocess.CompletedProcess:
-    result = subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True,
-                            timeout=timeout)
-    assert result.returncode == 0, f"{args[:3]} failed:\n{result.stdout[-3000:]}\n" \
-                                   f"{result.stderr[-3000:]}"
+def _run(
+    args: list[str], env: dict[str, str], cwd: Path = REPO, timeout: float = 240
+) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, (
+        f"{args[:3]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    )
     return result
 
 
 @pytest.fixture(scope="module")
-def served(server: PrefectServer, tiny: dict[str, Path],
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[subprocess.Popen, Path]]:
+def served(
+    server: PrefectServer, tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[subprocess.Popen, Path]]:
     """flows.serve with an every-minute cron and its own store; yields the process and its log.
 
     Started before the other tests (pipeline_run asks for it) so that its first slot, up to a
@@ -70,26 +78,39 @@ def served(server: PrefectServer, tiny: dict[str, Path],
     """
     folder = tmp_path_factory.mktemp("served")
     settings = {**TINY, "store": str(folder / "store"), "runs": str(folder / "runs")}
-    script = ("import json, sys; from pathlib import Path; "
-              "from flows.serve import serve_deployments; "
-              "serve_deployments(Path(sys.argv[1]), cron='* * * * *', **json.loads(sys.argv[2]))")
+    script = (
+        "import json, sys; from pathlib import Path; "
+        "from flows.serve import serve_deployments; "
+        "serve_deployments(Path(sys.argv[1]), cron='* * * * *', **json.loads(sys.argv[2]))"
+    )
     log = folder / "serve.log"
-    process = start_process([sys.executable, "-c", script, str(tiny["data"]),
-                             json.dumps(settings)], server.env, log, cwd=REPO)
+    process = start_process(
+        [sys.executable, "-c", script, str(tiny["data"]), json.dumps(settings)],
+        server.env,
+        log,
+        cwd=REPO,
+    )
     yield process, log
     stop_process(process)
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(server: PrefectServer, tiny: dict[str, Path],
-                 served: tuple[subprocess.Popen, Path]) -> dict:
+def pipeline_run(
+    server: PrefectServer, tiny: dict[str, Path], served: tuple[subprocess.Popen, Path]
+) -> dict:
     """pipeline_flow on the tiny data in a client process, recorded by the module's server."""
-    settings = {**TINY, "data": str(tiny["data"]), "store": str(tiny["store"]),
-                "runs": str(tiny["runs"])}
-    script = ("import json, sys; from flows.pipeline import pipeline_flow; "
-              "from flows.settings import PipelineSettings; "
-              "summary = pipeline_flow(PipelineSettings(**json.loads(sys.argv[1]))); "
-              "print(json.dumps(summary, default=str))")
+    settings = {
+        **TINY,
+        "data": str(tiny["data"]),
+        "store": str(tiny["store"]),
+        "runs": str(tiny["runs"]),
+    }
+    script = (
+        "import json, sys; from flows.pipeline import pipeline_flow; "
+        "from flows.settings import PipelineSettings; "
+        "summary = pipeline_flow(PipelineSettings(**json.loads(sys.argv[1]))); "
+        "print(json.dumps(summary, default=str))"
+    )
     result = _run([sys.executable, "-c", script, json.dumps(settings)], server.env)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -115,21 +136,23 @@ def test_serve_needs_a_dataset_and_a_valid_cron(tmp_path: Path) -> None:
         build_deployments(PipelineSettings(data=tmp_path), cron="nightly")
 
 
-def test_pipeline_run_recorded_with_tasks_and_artifacts(server: PrefectServer,
-                                                        pipeline_run: dict,
-                                                        tiny: dict[str, Path]) -> None:
+def test_pipeline_run_recorded_with_tasks_and_artifacts(
+    server: PrefectServer, pipeline_run: dict, tiny: dict[str, Path]
+) -> None:
     flow_run = server.request("GET", f"/flow_runs/{pipeline_run['flow_run_id']}")
     assert flow_run["state_type"] == "COMPLETED"
     assert flow_run["name"] == "images-vgg16-block2_pool"
     tasks = _task_runs(server, flow_run["id"])
     assert set(tasks) >= {"scan", "extract", "reduce", "classify"}
     assert {name: run["state_type"] for name, run in tasks.items()} == dict.fromkeys(
-        tasks, "COMPLETED")
+        tasks, "COMPLETED"
+    )
     assert tasks["extract"]["name"] == "extract-vgg16"
     assert tasks["classify"]["name"] == "classify-block2_pool"
 
-    artifacts = server.filter("artifacts",
-                              {"artifacts": {"flow_run_id": {"any_": [flow_run["id"]]}}})
+    artifacts = server.filter(
+        "artifacts", {"artifacts": {"flow_run_id": {"any_": [flow_run["id"]]}}}
+    )
     by_description = {artifact["description"]: artifact for artifact in artifacts}
     assert by_description["metrics block2_pool"]["type"] == "table"
     assert "logreg" in json.dumps(by_description["metrics block2_pool"]["data"])
@@ -150,38 +173,58 @@ def _render(url: str, expected: str, profile: Path, attempts: int = 4) -> str:
     """
     for _ in range(attempts):
         result = subprocess.run(
-            ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-             "--no-first-run", "--disable-background-networking", "--disable-component-update",
-             "--disable-sync", f"--user-data-dir={profile}", "--virtual-time-budget=15000",
-             "--window-size=1400,2000", "--dump-dom", url],
-            capture_output=True, text=True, timeout=120)
+            [
+                "chromium",
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={profile}",
+                "--virtual-time-budget=15000",
+                "--window-size=1400,2000",
+                "--dump-dom",
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert result.returncode == 0, result.stderr[-2000:]
         if expected in result.stdout:
             break
     return result.stdout
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None,
-                    reason="chromium is not installed (CI installs it: apt-get install chromium)")
-def test_ui_shows_the_flow_run(server: PrefectServer, pipeline_run: dict,
-                               tmp_path: Path) -> None:
+@pytest.mark.skipif(
+    shutil.which("chromium") is None,
+    reason="chromium is not installed (CI installs it: apt-get install chromium)",
+)
+def test_ui_shows_the_flow_run(server: PrefectServer, pipeline_run: dict, tmp_path: Path) -> None:
     flow_run = server.request("GET", f"/flow_runs/{pipeline_run['flow_run_id']}")
     runs_page = _render(f"{server.url}/runs", flow_run["name"], tmp_path / "profile")
     assert "Can't connect to Server API" not in runs_page
     assert flow_run["name"] in runs_page
-    run_page = _render(f"{server.url}/runs/flow-run/{flow_run['id']}", flow_run["name"],
-                       tmp_path / "profile")
+    run_page = _render(
+        f"{server.url}/runs/flow-run/{flow_run['id']}", flow_run["name"], tmp_path / "profile"
+    )
     assert flow_run["name"] in run_page
     assert "Completed" in run_page
 
 
-def test_deploy_all_and_worker_runs_classify(server: PrefectServer, pipeline_run: dict,
-                                             tiny: dict[str, Path], tmp_path: Path) -> None:
+def test_deploy_all_and_worker_runs_classify(
+    server: PrefectServer, pipeline_run: dict, tiny: dict[str, Path], tmp_path: Path
+) -> None:
     """deployments/prefect.yaml deploys as documented, and a process worker started elsewhere
     runs the classify deployment from the repository (proof that the pull step works)."""
     _run([PREFECT, "work-pool", "create", POOL, "--type", "process"], server.env)
-    _run([PREFECT, "--no-prompt", "deploy", "--all", "--prefect-file",
-          "deployments/prefect.yaml"], server.env)
+    _run(
+        [PREFECT, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"],
+        server.env,
+    )
     deployments = {d["name"]: d for d in server.filter("deployments")}
     nightly, classify = deployments["nightly"], deployments["classify"]
     pull = [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
@@ -192,16 +235,26 @@ def test_deploy_all_and_worker_runs_classify(server: PrefectServer, pipeline_run
     assert nightly["entrypoint"] == "flows/pipeline.py:pipeline_flow"
 
     layer = TINY["layers"][0]
-    settings = {"data": str(tiny["data"]), "store": str(tiny["store"]),
-                "runs": str(tiny["runs"]), "classifiers": ["logreg"]}
-    parameters = {"settings": settings,
-                  "feature_keys": [pipeline_run["layers"][layer]["feature_key"]]}
-    worker = start_process([PREFECT, "worker", "start", "--pool", POOL, "--limit", "1"],
-                           {**server.env, "PREFECT_WORKER_QUERY_SECONDS": "2"},
-                           tmp_path / "worker.log", cwd=tmp_path)
+    settings = {
+        "data": str(tiny["data"]),
+        "store": str(tiny["store"]),
+        "runs": str(tiny["runs"]),
+        "classifiers": ["logreg"],
+    }
+    parameters = {
+        "settings": settings,
+        "feature_keys": [pipeline_run["layers"][layer]["feature_key"]],
+    }
+    worker = start_process(
+        [PREFECT, "worker", "start", "--pool", POOL, "--limit", "1"],
+        {**server.env, "PREFECT_WORKER_QUERY_SECONDS": "2"},
+        tmp_path / "worker.log",
+        cwd=tmp_path,
+    )
     try:
-        created = server.request("POST", f"/deployments/{classify['id']}/create_flow_run",
-                                 {"parameters": parameters})
+        created = server.request(
+            "POST", f"/deployments/{classify['id']}/create_flow_run", {"parameters": parameters}
+        )
         flow_run = _final_flow_run(server, created["id"], timeout=150)
     finally:
         stop_process(worker)
@@ -213,7 +266,8 @@ def test_deploy_all_and_worker_runs_classify(server: PrefectServer, pipeline_run
 
 
 def test_served_cron_schedule_creates_and_completes_a_run(
-        server: PrefectServer, served: tuple[subprocess.Popen, Path]) -> None:
+    server: PrefectServer, served: tuple[subprocess.Popen, Path]
+) -> None:
     """flows.serve on an every-minute cron: the server schedules a run, the served process runs
     it; the classify deployment is served alongside, without a schedule."""
     process, log = served
@@ -223,9 +277,15 @@ def test_served_cron_schedule_creates_and_completes_a_run(
         deployments = {d["name"]: d for d in server.filter("deployments")}
         if PIPELINE_DEPLOYMENT not in deployments:
             return None
-        runs = server.filter("flow_runs", {"flow_runs": {
-            "deployment_id": {"any_": [deployments[PIPELINE_DEPLOYMENT]["id"]]},
-            "state": {"type": {"any_": sorted(FINAL_STATES)}}}})
+        runs = server.filter(
+            "flow_runs",
+            {
+                "flow_runs": {
+                    "deployment_id": {"any_": [deployments[PIPELINE_DEPLOYMENT]["id"]]},
+                    "state": {"type": {"any_": sorted(FINAL_STATES)}},
+                }
+            },
+        )
         return runs[0] if runs else None
 
     flow_run = wait_until(served_run, 150, "a scheduled run of the served pipeline", interval=2)

@@ -11,8 +11,10 @@ from flows.settings import SettingsError, load_settings
 
 def test_yaml_config_with_flags_winning(tmp_path: Path) -> None:
     config = tmp_path / "run.yaml"
-    config.write_text("data: images\nlayers: block3_pool, block4_pool\nvariance: 0.9\n"
-                      "classifier-options:\n  svm:\n    param_grid: {C: [1, 10]}\n")
+    config.write_text(
+        "data: images\nlayers: block3_pool, block4_pool\nvariance: 0.9\n"
+        "classifier-options:\n  svm:\n    param_grid: {C: [1, 10]}\n"
+    )
     settings = load_settings(config, variance=0.7, limit_per_class=None)
     assert settings.layers == ["block3_pool", "block4_pool"]
     assert settings.variance == 0.7  # the flag wins; None means "not given"
@@ -21,19 +23,23 @@ def test_yaml_config_with_flags_winning(tmp_path: Path) -> None:
 
 def test_toml_config(tmp_path: Path) -> None:
     config = tmp_path / "run.toml"
-    config.write_text('data = "images"\nclassifiers = ["knn"]\nsplit = "grouped"\n'
-                      'group_regex = "_(\\\\d+)_"\n')
+    config.write_text(
+        'data = "images"\nclassifiers = ["knn"]\nsplit = "grouped"\ngroup_regex = "_(\\\\d+)_"\n'
+    )
     settings = load_settings(config)
     assert settings.classifiers == ["knn"] and settings.group_regex == "_(\\d+)_"
 
 
-@pytest.mark.parametrize(("values", "message"), [
-    ({"variance": 1.5}, "variance"),
-    ({"classifiers": "svm,forest"}, "forest"),
-    ({"classifier_options": {"svm": {"grid": 1}}}, "unknown option"),
-    ({"colour": "blue"}, "colour"),
-    ({"split": "random"}, "split"),
-])
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"variance": 1.5}, "variance"),
+        ({"classifiers": "svm,forest"}, "forest"),
+        ({"classifier_options": {"svm": {"grid": 1}}}, "unknown option"),
+        ({"colour": "blue"}, "colour"),
+        ({"split": "random"}, "split"),
+    ],
+)
 def test_bad_values_are_named(values: dict, message: str) -> None:
     with pytest.raises(SettingsError, match=message):
         load_settings(**values)

@@ -18,9 +18,14 @@ from tasks.features.extract import ExtractSettings, extract
 from tasks.features.store import FeatureStore
 from tests.conftest import write_image
 
-SETTINGS = ExtractSettings(backbone="vgg16", weights="none", layers=("block1_pool",
-                                                                     "block2_pool"),
-                           image_size=32, batch_size=4, chunk_mb=0.1)
+SETTINGS = ExtractSettings(
+    backbone="vgg16",
+    weights="none",
+    layers=("block1_pool", "block2_pool"),
+    image_size=32,
+    batch_size=4,
+    chunk_mb=0.1,
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +46,12 @@ def test_two_workers_produce_the_same_store_as_one(images: Path, tmp_path: Path)
     assert result.images_computed == 40 and result.feature_keys == keys
     for key in keys.values():
         assert double.feature_array(key).complete
-        np.testing.assert_allclose(double.feature_array(key).data[...],
-                                   single.feature_array(key).data[...], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            double.feature_array(key).data[...],
+            single.feature_array(key).data[...],
+            rtol=1e-5,
+            atol=1e-6,
+        )
 
 
 def _free_port() -> int:
@@ -55,11 +64,18 @@ def _free_port() -> int:
 def s3_endpoint(monkeypatch: pytest.MonkeyPatch):
     """A real S3 API on loopback (moto's server mode), with a bucket, for this test only."""
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     endpoint = f"http://127.0.0.1:{port}"
-    for name, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}.items():
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+    }.items():
         monkeypatch.setenv(name, value)
     deadline = time.time() + 30
     while True:

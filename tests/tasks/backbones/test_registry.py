@@ -20,11 +20,11 @@ from tasks.backbones.registry import (
 def test_min_size_keeps_every_layer_non_empty(name: str) -> None:
     spec = BACKBONES[name]
     base = build_base(spec, resolve_weights(spec, "none"), spec.min_size)
-    empty = [layer.name for layer in base.layers
-             if any(dim == 0 for dim in layer.output.shape[1:])]
+    empty = [layer.name for layer in base.layers if any(dim == 0 for dim in layer.output.shape[1:])]
     assert not empty  # so any layer is a valid cut at min_size (and at every larger size)
-    model = build_feature_model(spec, resolve_weights(spec, "none"), spec.min_size,
-                                [spec.default_layer])
+    model = build_feature_model(
+        spec, resolve_weights(spec, "none"), spec.min_size, [spec.default_layer]
+    )
     assert model.outputs[0].shape[-1] > 0
 
 
@@ -35,8 +35,9 @@ def test_one_pixel_below_min_size_is_refused(name: str) -> None:
     with pytest.raises(BackboneError, match=message):
         check_input_size(spec, spec.min_size - 1)
     with pytest.raises(BackboneError, match=message):
-        build_feature_model(spec, resolve_weights(spec, "none"), spec.min_size - 1,
-                            [spec.default_layer])
+        build_feature_model(
+            spec, resolve_weights(spec, "none"), spec.min_size - 1, [spec.default_layer]
+        )
     with pytest.raises(SettingsError, match=message):
         load_settings(backbone=name, image_size=spec.min_size - 1)
     assert load_settings(backbone=name, image_size=spec.min_size).image_size == spec.min_size

@@ -45,8 +45,12 @@ def _blank_bilevel_png(path: Path, width: int, height: int) -> Path:
     parts = [compressor.compress(row * 1000) for _ in range(height // 1000)]
     parts += [compressor.compress(row * (height % 1000)), compressor.flush()]
     header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
-                     + _png_chunk(b"IDAT", b"".join(parts)) + _png_chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", b"".join(parts))
+        + _png_chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -75,12 +79,21 @@ def _bad_files(folder: Path) -> dict[str, str]:
     _save(folder / "strip.png", Image.new("RGB", (200, 4), RED))
     _blank_bilevel_png(folder / "bomb.png", 20_000, 20_000)
     _blank_bilevel_png(folder / "big.png", 10_001, 10_000)
-    return {"empty.jpg": "empty file", "cut.jpg": "truncated", "cut.png": "truncated",
-            "notes.jpg": "a text file", "error.jpg": "HTML page", "photo_heic.jpg": "HEIC",
-            "binary.png": "not a readable image", "lab.tif": "unsupported colour mode LAB",
-            "photo.heic": "not an image extension (.heic)", "dot.png": "too small (1x1",
-            "strip.png": "too small (200x4", "bomb.png": "too large",
-            "big.png": "too large (10001x10000"}
+    return {
+        "empty.jpg": "empty file",
+        "cut.jpg": "truncated",
+        "cut.png": "truncated",
+        "notes.jpg": "a text file",
+        "error.jpg": "HTML page",
+        "photo_heic.jpg": "HEIC",
+        "binary.png": "not a readable image",
+        "lab.tif": "unsupported colour mode LAB",
+        "photo.heic": "not an image extension (.heic)",
+        "dot.png": "too small (1x1",
+        "strip.png": "too small (200x4",
+        "bomb.png": "too large",
+        "big.png": "too large (10001x10000",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +106,8 @@ def bad_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str
 
 
 def test_each_bad_file_has_a_reason_and_load_raises_image_error(
-        bad_folder: tuple[Path, dict[str, str]]) -> None:
+    bad_folder: tuple[Path, dict[str, str]],
+) -> None:
     folder, expected = bad_folder
     with warnings.catch_warnings():  # Pillow warns about the 100-megapixel file before we reject
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -105,8 +119,9 @@ def test_each_bad_file_has_a_reason_and_load_raises_image_error(
                 load_rgb(folder / name, 16)
 
 
-def test_scan_skips_every_bad_file_with_its_reason(image_tree: Path,
-                                                   bad_folder: tuple[Path, dict[str, str]]) -> None:
+def test_scan_skips_every_bad_file_with_its_reason(
+    image_tree: Path, bad_folder: tuple[Path, dict[str, str]]
+) -> None:
     folder, expected = bad_folder
     shutil.copytree(folder, image_tree / "cats" / "bad")
     with warnings.catch_warnings():
@@ -121,13 +136,20 @@ def test_scan_skips_every_bad_file_with_its_reason(image_tree: Path,
 def test_decompression_bomb_is_rejected_without_decoding(tmp_path: Path) -> None:
     bomb = _blank_bilevel_png(tmp_path / "bomb.png", 20_000, 20_000)
     assert bomb.stat().st_size < 200_000 and 20_000 * 20_000 > MAX_PIXELS
-    probe = ("import sys, time; from tasks.data.images import check_image; "
-             "t = time.perf_counter(); reason = check_image(sys.argv[1]); "
-             "print(reason); print(time.perf_counter() - t); "
-             # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent
-             "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
-    result = subprocess.run([sys.executable, "-c", probe, str(bomb)], capture_output=True,
-                            text=True, check=True, cwd=Path(__file__).parents[3])
+    probe = (
+        "import sys, time; from tasks.data.images import check_image; "
+        "t = time.perf_counter(); reason = check_image(sys.argv[1]); "
+        "print(reason); print(time.perf_counter() - t); "
+        # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent
+        "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe, str(bomb)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).parents[3],
+    )
     reason, seconds, max_rss_kb = result.stdout.splitlines()
     assert "too large" in reason
     assert float(seconds) < 1.0
@@ -146,10 +168,10 @@ def test_webp_decodes_when_pillow_supports_it(tmp_path: Path) -> None:
 def test_unknown_tiff_compression_is_a_reason_not_a_crash(tmp_path: Path) -> None:
     data = bytearray(_save(tmp_path / "x.tif", Image.new("RGB", (16, 16), RED)).read_bytes())
     first_ifd = struct.unpack("<I", data[4:8])[0]
-    for i in range(struct.unpack("<H", data[first_ifd:first_ifd + 2])[0]):
+    for i in range(struct.unpack("<H", data[first_ifd : first_ifd + 2])[0]):
         entry = first_ifd + 2 + 12 * i
-        if struct.unpack("<H", data[entry:entry + 2])[0] == 259:  # Compression
-            data[entry + 8:entry + 10] = struct.pack("<H", 34712)  # JPEG 2000, unsupported
+        if struct.unpack("<H", data[entry : entry + 2])[0] == 259:  # Compression
+            data[entry + 8 : entry + 10] = struct.pack("<H", 34712)  # JPEG 2000, unsupported
     (tmp_path / "x.tif").write_bytes(bytes(data))
     assert "not a readable image" in check_image(tmp_path / "x.tif")
 
@@ -173,14 +195,14 @@ def test_transparency_becomes_white(tmp_path: Path) -> None:
     array = load_rgb(_save(tmp_path / "p.png", palette, transparency=0), 16)
     assert array[8, 2].tolist() == list(BLUE) and array[8, 13].tolist() == list(WHITE)
 
-    keyed = load_rgb(_save(tmp_path / "k.png", Image.new("RGB", (16, 16), RED),
-                           transparency=RED), 8)
+    keyed = load_rgb(
+        _save(tmp_path / "k.png", Image.new("RGB", (16, 16), RED), transparency=RED), 8
+    )
     assert np.all(keyed == 255)
 
 
 def test_cmyk_jpeg_colours_are_right(tmp_path: Path) -> None:
-    path = _save(tmp_path / "cmyk.jpg", Image.new("CMYK", (16, 16), (0, 255, 255, 0)),
-                 quality=95)
+    path = _save(tmp_path / "cmyk.jpg", Image.new("CMYK", (16, 16), (0, 255, 255, 0)), quality=95)
     assert Image.open(path).mode == "CMYK"
     red = load_rgb(path, 8)[4, 4]
     assert red[0] > 230 and red[1] < 25 and red[2] < 25
@@ -235,8 +257,11 @@ def test_unicode_and_non_utf8_names(image_tree: Path) -> None:
         handle.write(good)
     manifest = scan(image_tree)
     assert manifest.class_names == ["cats", "dogs", "猫"]
-    assert {r.path for r in manifest.records if r.label == "猫"} == \
-        {"猫/café.png", "猫/写真 1.png", "猫/🐱.png"}
+    assert {r.path for r in manifest.records if r.label == "猫"} == {
+        "猫/café.png",
+        "猫/写真 1.png",
+        "猫/🐱.png",
+    }
     for record in manifest.records:
         load_rgb(Path(manifest.root) / record.path, 8)
     reasons = {s.path: s.reason for s in manifest.skipped}
@@ -299,12 +324,18 @@ def _without_root(script: str, *args: str) -> str:
     and writes everything, so as root it runs in a user namespace without those privileges."""
     prefix = []
     if os.geteuid() == 0:
-        if shutil.which("unshare") is None or subprocess.run(
-                ["unshare", "--user", "true"], capture_output=True).returncode != 0:
+        if (
+            shutil.which("unshare") is None
+            or subprocess.run(["unshare", "--user", "true"], capture_output=True).returncode != 0
+        ):
             pytest.skip("as root, needs `unshare --user` to drop the permission override")
         prefix = ["unshare", "--user"]
-    done = subprocess.run([*prefix, sys.executable, "-c", script, *args],
-                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[3])
+    done = subprocess.run(
+        [*prefix, sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[3],
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
 
@@ -326,8 +357,10 @@ def test_store_that_cannot_be_written_is_named(tmp_path: Path) -> None:
     read_only = tmp_path / "read-only"
     read_only.mkdir(mode=0o555)
     message = _without_root(OPEN_STORE, str(read_only / "store")).strip()
-    assert message == (f"cannot open feature store {read_only / 'store'}: [Errno 13] "
-                       f"Permission denied: '{read_only / 'store'}'")
+    assert message == (
+        f"cannot open feature store {read_only / 'store'}: [Errno 13] "
+        f"Permission denied: '{read_only / 'store'}'"
+    )
     (tmp_path / "a-file").write_text("not a folder")
     with pytest.raises(StoreError, match="cannot open feature store .*Not a directory"):
         FeatureStore(str(tmp_path / "a-file" / "store"))
@@ -346,10 +379,13 @@ def test_hidden_entries_archive_junk_and_nesting(image_tree: Path) -> None:
     manifest = scan(image_tree)
     reasons = {s.path: s.reason for s in manifest.skipped}
     assert manifest.class_names == ["cats", "dogs"]
-    assert reasons == {".DS_Store": "hidden file", ".cache": "hidden folder (not scanned)",
-                       "__MACOSX": "macOS archive metadata folder (not scanned)",
-                       "cats/.ipynb_checkpoints": "hidden folder (not scanned)",
-                       "cats/._img_00.png": "hidden file"}
+    assert reasons == {
+        ".DS_Store": "hidden file",
+        ".cache": "hidden folder (not scanned)",
+        "__MACOSX": "macOS archive metadata folder (not scanned)",
+        "cats/.ipynb_checkpoints": "hidden folder (not scanned)",
+        "cats/._img_00.png": "hidden file",
+    }
     deep = [r for r in manifest.records if r.path == "dogs/2024/june/deep.png"]
     assert deep and deep[0].label == "dogs"
 
@@ -407,8 +443,10 @@ def test_class_only_in_test_is_skipped_and_untested_class_warned(tmp_path: Path)
     manifest = scan(tmp_path)
     assert manifest.class_names == ["cats", "dogs"]
     reasons = {s.path: s.reason for s in manifest.skipped}
-    assert reasons["test/Dogs/t0.png"] == \
-        "class 'Dogs' has no training images (not in train/ or valid/); did you mean 'dogs'?"
+    assert (
+        reasons["test/Dogs/t0.png"]
+        == "class 'Dogs' has no training images (not in train/ or valid/); did you mean 'dogs'?"
+    )
     assert any("without test images: 'dogs'" in w for w in manifest.warnings)
 
 
@@ -426,7 +464,9 @@ def test_duplicates_across_classes_and_splits_are_reported(tmp_path: Path) -> No
     manifest = scan(tmp_path)
     assert len(manifest.records) == 18  # reported, not removed: the user decides
     assert sorted(sorted(d.paths) for d in manifest.duplicates) == [
-        ["test/cats/leak.png", "train/cats/1.png"], ["train/cats/0.png", "train/dogs/copy.png"]]
+        ["test/cats/leak.png", "train/cats/1.png"],
+        ["train/cats/0.png", "train/dogs/copy.png"],
+    ]
     text = "\n".join(manifest.warnings)
     assert "1 identical images appear under different classes" in text
     assert "train/cats/0.png = train/dogs/copy.png" in text
@@ -457,5 +497,6 @@ def test_manifest_round_trips_with_new_fields(image_tree: Path, tmp_path: Path) 
     assert store.load_manifest(store.save_manifest(manifest)) == manifest
     old = {k: v for k, v in manifest.to_dict().items() if k not in ("warnings", "duplicates")}
     assert Manifest.from_dict(old).key == manifest.key
-    assert Manifest.from_dict(old).duplicates == [] and isinstance(manifest.duplicates[0],
-                                                                   Duplicate)
+    assert Manifest.from_dict(old).duplicates == [] and isinstance(
+        manifest.duplicates[0], Duplicate
+    )

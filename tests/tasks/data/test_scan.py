@@ -30,8 +30,14 @@ def test_bad_files_are_skipped_with_reasons(image_tree: Path) -> None:
     manifest = scan(image_tree)
     reasons = {s.path: s.reason for s in manifest.skipped}
     assert len(manifest.records) == 24
-    assert set(reasons) == {"cats/empty.jpg", "cats/notes.jpg", "dogs/truncated.png",
-                            "dogs/readme.txt", "dogs/.hidden.png", "stray.png"}
+    assert set(reasons) == {
+        "cats/empty.jpg",
+        "cats/notes.jpg",
+        "dogs/truncated.png",
+        "dogs/readme.txt",
+        "dogs/.hidden.png",
+        "stray.png",
+    }
     assert "not an image extension" in reasons["dogs/readme.txt"]
     assert "class folder" in reasons["stray.png"]
 
@@ -58,8 +64,9 @@ def test_split_subtrees_and_nested_folders(tmp_path: Path) -> None:
 def test_limit_per_class_is_stable(image_tree: Path) -> None:
     first = scan(image_tree, limit_per_class=5)
     assert len(first.records) == 10
-    assert [r.sha256 for r in scan(image_tree, limit_per_class=5).records] == \
-        [r.sha256 for r in first.records]
+    assert [r.sha256 for r in scan(image_tree, limit_per_class=5).records] == [
+        r.sha256 for r in first.records
+    ]
 
 
 def test_empty_or_missing_folder_is_a_clear_error(tmp_path: Path) -> None:

@@ -19,8 +19,14 @@ from tasks.features.extract import ExtractSettings, extract, plan_extraction
 from tasks.features.store import FeatureStore
 from tests.conftest import write_image
 
-SMALL = ExtractSettings(backbone="vgg16", weights="none", layers=("block2_pool",),
-                        image_size=32, batch_size=4, chunk_mb=0.05)
+SMALL = ExtractSettings(
+    backbone="vgg16",
+    weights="none",
+    layers=("block2_pool",),
+    image_size=32,
+    batch_size=4,
+    chunk_mb=0.05,
+)
 
 
 def _features(store: FeatureStore, key: str) -> np.ndarray:
@@ -94,9 +100,13 @@ print("computed", result.images_computed)
 
 
 def _run_extract(data: Path, store: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", RESUME_SCRIPT, str(data), str(store)],
-                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", RESUME_SCRIPT, str(data), str(store)],
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_resume_after_kill_gives_identical_features(tmp_path: Path) -> None:
@@ -121,18 +131,25 @@ def test_resume_after_kill_gives_identical_features(tmp_path: Path) -> None:
     assert 0 < array.done_flags().sum() < array.n_chunks
 
     manifest = scan(data)
-    settings = ExtractSettings(backbone="vgg16", weights="none", layers=("block2_pool",),
-                               image_size=32, batch_size=2, chunk_mb=0.2)
+    settings = ExtractSettings(
+        backbone="vgg16",
+        weights="none",
+        layers=("block2_pool",),
+        image_size=32,
+        batch_size=2,
+        chunk_mb=0.2,
+    )
     resumed = extract(manifest, FeatureStore(str(killed_store)), settings)
     assert 0 < resumed.images_computed < 96
     assert _run_extract(data, clean_store).wait() == 0
     key = resumed.feature_keys["block2_pool"]
-    np.testing.assert_array_equal(_features(FeatureStore(str(killed_store)), key),
-                                  _features(FeatureStore(str(clean_store)), key))
+    np.testing.assert_array_equal(
+        _features(FeatureStore(str(killed_store)), key),
+        _features(FeatureStore(str(clean_store)), key),
+    )
 
 
-def test_verify_finds_deleted_chunk_and_repair_recomputes(image_tree: Path,
-                                                          tmp_path: Path) -> None:
+def test_verify_finds_deleted_chunk_and_repair_recomputes(image_tree: Path, tmp_path: Path) -> None:
     manifest = scan(image_tree)
     store = FeatureStore(str(tmp_path / "store"))
     key = extract(manifest, store, SMALL).feature_keys["block2_pool"]

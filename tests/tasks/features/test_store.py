@@ -11,7 +11,8 @@ from tasks.features.store import FeatureStore
 
 
 def test_gc_removes_orphans_and_crash_leftovers_but_not_a_reduction_being_written(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     store = FeatureStore(str(tmp_path / "store"))
     store.save_reduction("orphan", {"projected": np.zeros((2, 1))}, {"feature_key": "gone"})
     crashed = store.root.require_group("reduced").require_group("crashed")

@@ -32,9 +32,21 @@ from tasks.runs.report import list_runs, new_run_id
 from tests.conftest import write_image
 
 # Random-init VGG16 at 32px with a tiny head: seconds per epoch on a shared CPU.
-TINY = FinetuneSettings(backbone="vgg16", weights="none", image_size=32, head=(8,), batch_norm=True,
-                        phase1_epochs=2, phase2_epochs=1, unfreeze_last=2, batch_size=8,
-                        rotation=0.1, zoom=0.1, translation=0.1, contrast=0.2)
+TINY = FinetuneSettings(
+    backbone="vgg16",
+    weights="none",
+    image_size=32,
+    head=(8,),
+    batch_norm=True,
+    phase1_epochs=2,
+    phase2_epochs=1,
+    unfreeze_last=2,
+    batch_size=8,
+    rotation=0.1,
+    zoom=0.1,
+    translation=0.1,
+    contrast=0.2,
+)
 
 
 def _crash(epoch: int, logs: dict) -> None:
@@ -52,8 +64,15 @@ def test_interrupted_training_resumes_and_writes_a_run(image_tree: Path, tmp_pat
     # Recorded as the flow records them, so that the flow could resume this run too.
     recorded = FinetuneFlowSettings(data=image_tree, runs=run_dir.parent, **asdict(TINY))
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run_finetune(manifest, train, test, TINY, run_dir, run_settings=recorded.run_settings(),
-                     callbacks=[keras.callbacks.LambdaCallback(on_epoch_end=_crash)])
+        run_finetune(
+            manifest,
+            train,
+            test,
+            TINY,
+            run_dir,
+            run_settings=recorded.run_settings(),
+            callbacks=[keras.callbacks.LambdaCallback(on_epoch_end=_crash)],
+        )
     state = read_state(run_dir)
     assert (state.phase, state.epoch, state.phase_epoch) == (1, 1, 1)
     assert (run_dir / CHECKPOINTS / LAST_FILE).is_file()
@@ -62,8 +81,9 @@ def test_interrupted_training_resumes_and_writes_a_run(image_tree: Path, tmp_pat
 
     with pytest.raises(FinetuneError, match="dropout"):
         run_finetune(manifest, train, test, replace(TINY, dropout=0.5), run_dir)
-    resumed, resumed_dir = resolve_run(FinetuneFlowSettings(runs=run_dir.parent,
-                                                            resume=run_dir.name))
+    resumed, resumed_dir = resolve_run(
+        FinetuneFlowSettings(runs=run_dir.parent, resume=run_dir.name)
+    )
     assert (resumed.finetune_settings(), resumed.data, resumed_dir) == (TINY, image_tree, run_dir)
     with pytest.raises(SettingsError, match="different dropout"):
         resolve_run(FinetuneFlowSettings(runs=run_dir.parent, resume=run_dir.name, dropout=0.5))
@@ -92,8 +112,7 @@ def test_interrupted_training_resumes_and_writes_a_run(image_tree: Path, tmp_pat
     assert accuracy == pytest.approx(entry["metrics"]["accuracy"])  # same decode + preprocess
 
 
-def test_pipeline_matches_extraction_decoding_and_augments_training_only(
-        image_tree: Path) -> None:
+def test_pipeline_matches_extraction_decoding_and_augments_training_only(image_tree: Path) -> None:
     paths = sorted(image_tree.rglob("*.png"))[:4]
     preprocess = load_preprocess(get_spec("vgg16"))
     expected = preprocess(np.stack([load_rgb(p, 32) for p in paths]))
@@ -103,11 +122,14 @@ def test_pipeline_matches_extraction_decoding_and_augments_training_only(
     np.testing.assert_allclose(first, expected, atol=1e-4)
     np.testing.assert_array_equal(first, second)
 
-    augmented = image_dataset(paths, [0, 0, 1, 1], 32, preprocess, batch_size=4,
-                              augment=augmentation(TINY))
+    augmented = image_dataset(
+        paths, [0, 0, 1, 1], 32, preprocess, batch_size=4, augment=augmentation(TINY)
+    )
     assert not np.allclose(next(iter(augmented))[0].numpy(), expected, atol=1e-2)
-    assert augmentation(replace(TINY, flip="none", rotation=0, zoom=0, translation=0,
-                                contrast=0)) is None
+    assert (
+        augmentation(replace(TINY, flip="none", rotation=0, zoom=0, translation=0, contrast=0))
+        is None
+    )
 
 
 def test_validation_rows_prefer_the_valid_tree(image_tree: Path, tmp_path: Path) -> None:
@@ -134,8 +156,9 @@ def test_bad_settings_fail_before_training(image_tree: Path, tmp_path: Path) -> 
     manifest = scan(image_tree)
     train, test = split_rows(manifest, "stratified", 0.25, seed=0)
     with pytest.raises(BackboneError, match="unknown layer 'block9_conv1'"):
-        run_finetune(manifest, train, test, replace(TINY, unfreeze_from="block9_conv1"),
-                     tmp_path / "run")
+        run_finetune(
+            manifest, train, test, replace(TINY, unfreeze_from="block9_conv1"), tmp_path / "run"
+        )
 
 
 @pytest.fixture
@@ -149,11 +172,20 @@ def prefect_server():
 
 
 @pytest.mark.usefixtures("prefect_server")
-def test_flow_writes_a_run_and_refuses_to_resume_a_finished_one(image_tree: Path,
-                                                                tmp_path: Path) -> None:
-    settings = FinetuneFlowSettings(data=image_tree, runs=tmp_path / "runs", backbone="vgg16",
-                                    weights="none", image_size=32, head="8",
-                                    phase1_epochs=1, phase2_epochs=0, batch_size=8)
+def test_flow_writes_a_run_and_refuses_to_resume_a_finished_one(
+    image_tree: Path, tmp_path: Path
+) -> None:
+    settings = FinetuneFlowSettings(
+        data=image_tree,
+        runs=tmp_path / "runs",
+        backbone="vgg16",
+        weights="none",
+        image_size=32,
+        head="8",
+        phase1_epochs=1,
+        phase2_epochs=0,
+        batch_size=8,
+    )
     summary = finetune_flow(settings)
     assert summary["epochs_run"] == 1 and 0.0 <= summary["accuracy"] <= 1.0
     assert (Path(summary["run_dir"]) / "report.md").is_file()

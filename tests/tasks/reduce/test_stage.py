@@ -16,8 +16,9 @@ from tasks.features.store import FeatureStore
 from tasks.reduce.stage import PcaSettings, reduce_cached
 from tests.conftest import write_image
 
-SETTINGS = ExtractSettings(backbone="vgg16", weights="none", layers=("block2_pool",),
-                           image_size=32, pooling="avg")
+SETTINGS = ExtractSettings(
+    backbone="vgg16", weights="none", layers=("block2_pool",), image_size=32, pooling="avg"
+)
 
 
 def _tree(root: Path, per_class: int, start: int = 0) -> None:
@@ -46,8 +47,11 @@ def test_fixed_component_count_and_too_many_components(tmp_path: Path) -> None:
     assert fixed.n_components == 11 and fixed.key != by_variance.key
     assert store.load_reduction(fixed.key)[0]["projected"].shape == (20, 11)
     assert dict(store.reductions())[fixed.key]["variance"] is None  # the count decided the cut
-    with pytest.raises(UserError, match=r"--components 12 is more than PCA can give here: "
-                                        r"at most 11 \(12 training images - 1, 128 features\)"):
+    with pytest.raises(
+        UserError,
+        match=r"--components 12 is more than PCA can give here: "
+        r"at most 11 \(12 training images - 1, 128 features\)",
+    ):
         _reduce(data, store, PcaSettings("gram", 0.9, components=12))
 
 
@@ -61,8 +65,7 @@ def test_grown_dataset_updates_the_incremental_fit(tmp_path: Path) -> None:
     assert attrs["updated_from"] == first.key and attrs["rows_added"] == 6
 
     fresh = _reduce(data, FeatureStore(str(tmp_path / "fresh")))
-    assert "updated_from" not in dict(FeatureStore(str(tmp_path / "fresh")).reductions())[
-        fresh.key]
+    assert "updated_from" not in dict(FeatureStore(str(tmp_path / "fresh")).reductions())[fresh.key]
     assert abs(grown.n_components - fresh.n_components) <= 1
     assert abs(grown.explained_variance - fresh.explained_variance) < 1e-3
     updated = store.load_reduction(grown.key)[0]["projected"]

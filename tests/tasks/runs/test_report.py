@@ -61,8 +61,9 @@ def results(split) -> list:
     ]
 
 
-def _write(root: Path, results: list, split: dict, settings: dict = SETTINGS,
-           **kwargs) -> tuple[Path, dict]:
+def _write(
+    root: Path, results: list, split: dict, settings: dict = SETTINGS, **kwargs
+) -> tuple[Path, dict]:
     run_dir = root / new_run_id()
     report = write_run(
         run_dir,
@@ -207,8 +208,11 @@ def test_write_run_never_overwrites(tmp_path, results, split) -> None:
 
 
 def test_no_credentials_in_run_files(tmp_path, results, split) -> None:
-    settings = {**SETTINGS, "store": "s3://AKIAKEY:hunter2@bucket/store?region=eu&token=tok42",
-                "classifier_options": {"svm": {"api_key": "key42", "C": [1]}}}
+    settings = {
+        **SETTINGS,
+        "store": "s3://AKIAKEY:hunter2@bucket/store?region=eu&token=tok42",
+        "classifier_options": {"svm": {"api_key": "key42", "C": [1]}},
+    }
     run_dir, report = _write(tmp_path, results[1:2], split, settings=settings)
     written = b"".join(path.read_bytes() for path in run_dir.rglob("*") if path.is_file())
     for secret in (b"hunter2", b"tok42", b"key42"):
