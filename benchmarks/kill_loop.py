@@ -57,11 +57,12 @@ def pipeline(data: str, store_path: str, run_dir: str, stage_log: str) -> None:
     Each stage it enters is appended to `stage_log` as one small write(2) on an O_APPEND file,
     so a SIGKILL leaves whole lines behind, never half a record (a Queue's pipe could be cut).
     """
+    from tasks.classify.stage import classify_run
     from tasks.data.scan import scan
     from tasks.data.splits import split_rows
     from tasks.features.extract import ExtractSettings, extract
     from tasks.features.store import FeatureStore
-    from tasks.reduce.stage import classify_run, reduce_cached
+    from tasks.reduce.stage import reduce_cached
 
     def reached(stage: str) -> None:
         fd = os.open(stage_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)

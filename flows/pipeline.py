@@ -21,12 +21,13 @@ from prefect.states import State
 
 from flows.progress import ExtractProgress
 from flows.settings import PipelineSettings
+from tasks.classify.stage import classify_run
 from tasks.data.scan import Manifest, scan
 from tasks.data.splits import split_rows
 from tasks.errors import UserError, is_disk_full
 from tasks.features.extract import ExtractResult, extract
 from tasks.features.store import FeatureStore
-from tasks.reduce.stage import ReduceOutcome, cached_reduction, classify_run, reduce_cached
+from tasks.reduce.stage import ReduceOutcome, cached_reduction, reduce_cached
 from tasks.runs.redact import redact
 
 
