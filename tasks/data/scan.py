@@ -445,6 +445,21 @@ def scan(
         groups[(split, class_dir[0].name)].extend(_walk_files(class_dir, root, skipped))
     if not any(groups.values()):
         raise _no_images_error(root, skipped, stray, any_candidates=False)
+    records = grouped_records(groups, root, skipped, limit_per_class, progress)
+    if not records:
+        raise _no_images_error(root, skipped, stray, any_candidates=True)
+    return finish_manifest(root, records, skipped, warnings)
+
+
+def grouped_records(
+    groups: dict[tuple[str, str], list[Path]],
+    root: Path,
+    skipped: list[Skipped],
+    limit_per_class: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[ImageRecord]:
+    """Records of (split, label) -> files groups in manifest order (split, label, sha256), so
+    the key depends on contents only, whatever listed the files (class folders or a CSV)."""
     records: list[ImageRecord] = []
     for (split, label), paths in sorted(
         groups.items(), key=lambda kv: (SPLIT_ORDER.index(kv[0][0]), kv[0][1])
@@ -467,9 +482,13 @@ def scan(
                 continue
             records.append(ImageRecord(rel, label, split, size, digest))
             kept += 1
-    records = _drop_untrained_classes(records, skipped)
-    if not records:
-        raise _no_images_error(root, skipped, stray, any_candidates=True)
+    return _drop_untrained_classes(records, skipped)
+
+
+def finish_manifest(
+    root: Path, records: list[ImageRecord], skipped: list[Skipped], warnings: list[str]
+) -> Manifest:
+    """The manifest of scanned records, with duplicates and dataset-level warnings."""
     duplicates = _find_duplicates(records)
     return Manifest(
         root=str(root),
