@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PREFECT_LOGGING_LEVEL": "WARNING"}
@@ -62,11 +63,14 @@ def test_run_json_summary(first_and_second_run) -> None:
     assert (first["images_computed"], first["images_cached"]) == (150, 0)
     assert first["images_skipped"] == 0 and first["skipped"] == []
     assert set(first["accuracy"]) == {"svm", "logreg"}
-    assert all(0.0 <= acc <= 1.0 for acc in first["accuracy"].values())
     assert first["n_components"] >= 1
     run_dir = Path(first["run_dir"])
     assert (run_dir / "report.json").is_file() and (run_dir / "report.md").is_file()
     report = json.loads((run_dir / "report.json").read_text())
+    for name, accuracy in first["accuracy"].items():  # the summary's figure is the test confusion's
+        confusion = np.asarray(report["classifiers"][name]["confusion"])
+        assert confusion.sum() == report["extras"]["n_test"]
+        assert accuracy == pytest.approx(np.trace(confusion) / confusion.sum())
     assert report["settings"]["layer"] == "block3_pool"
 
 

@@ -17,6 +17,7 @@ from tasks.classify.models import (
     SVM_PARAM_GRID,
     classification_metrics,
     predict_scores,
+    resolve_options,
     train_and_evaluate,
 )
 
@@ -139,5 +140,8 @@ def test_sklearn_classifiers_do_not_import_tensorflow() -> None:
     assert done.stdout.strip() == "[]"
 
 
-def test_classifier_names() -> None:
-    assert CLASSIFIERS == ("svm", "logreg", "knn", "dense256", "dense64bn")
+def test_every_listed_classifier_has_options_and_unknown_names_are_refused() -> None:
+    for name in CLASSIFIERS:
+        assert isinstance(resolve_options(name, None), dict)
+    with pytest.raises(ValueError, match="unknown classifier 'svn'; valid names: svm, logreg"):
+        resolve_options("svn", None)
