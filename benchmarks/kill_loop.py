@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tasks.runs.schema import RunReport
+
 STAGES = ("extract", "reduce", "classify", "done")
 CLASSIFIERS = ["logreg", "svm"]
 # Everything the pipeline imports that is slow to import, loaded once by the fork server.
@@ -46,6 +48,7 @@ PRELOAD = [
     "tasks.reduce.pca",
     "tasks.classify.models",
     "tasks.runs.plots",
+    "tasks.runs.folder",
     "tasks.runs.report",
     "benchmarks.kill_loop",
 ]
@@ -220,31 +223,27 @@ def _attempt(
     return _Attempt(process.exitcode, seconds, stages, output[-1] if output else "")
 
 
-def _store_state(store: Path, report: dict) -> tuple[np.ndarray, np.ndarray]:
+def _store_state(store: Path, report: RunReport) -> tuple[np.ndarray, np.ndarray]:
     """The features and projected rows a finished run's report points at."""
     from tasks.features.store import FeatureStore
     from tasks.reduce.stage import load_projected
 
     feature_store = FeatureStore(str(store))
-    features = feature_store.feature_array(report["keys"]["features"])
+    features = feature_store.feature_array(report.keys["features"])
     if features is None or not features.complete:
-        raise ValueError(f"features {report['keys']['features']} missing or incomplete")
-    return features.data[...], load_projected(feature_store, report["keys"]["reduction"])[0]
+        raise ValueError(f"features {report.keys['features']} missing or incomplete")
+    return features.data[...], load_projected(feature_store, report.keys["reduction"])[0]
 
 
-def _accuracies(report: dict) -> dict[str, float]:
-    return {name: c["metrics"]["accuracy"] for name, c in report["classifiers"].items()}
-
-
-def _run_problems(run_dir: Path, reference: dict) -> list[str]:
+def _run_problems(run_dir: Path, reference: RunReport) -> list[str]:
     """What is wrong with a finished run folder: accuracies, or a model that fails its hash."""
-    from tasks.runs.report import ModelIntegrityError, load_model, read_report
+    from tasks.runs.folder import ModelIntegrityError, load_model, read_report
 
     report = read_report(run_dir)
     problems = []
-    if _accuracies(report) != _accuracies(reference):
-        problems.append(f"{run_dir.name}: accuracy {_accuracies(report)}")
-    for name in report["classifiers"]:
+    if report.accuracy() != reference.accuracy():
+        problems.append(f"{run_dir.name}: accuracy {report.accuracy()}")
+    for name in report.classifiers:
         try:
             load_model(run_dir, name)
         except (ModelIntegrityError, OSError, EOFError) as error:
@@ -252,11 +251,11 @@ def _run_problems(run_dir: Path, reference: dict) -> list[str]:
     return problems
 
 
-def _killed_run_problems(runs: Path, killed_dir: Path, reference: dict) -> list[str]:
+def _killed_run_problems(runs: Path, killed_dir: Path, reference: RunReport) -> list[str]:
     """A killed run folder is listed, and its models load, only once its report.json is whole.
 
     list_runs parses every report.json under `runs`, so a half-written one fails here too."""
-    from tasks.runs.report import list_runs, load_model
+    from tasks.runs.folder import list_runs, load_model
 
     listed = killed_dir.name in {row["id"] for row in list_runs(runs)}
     if listed != (killed_dir / "report.json").exists():
@@ -299,7 +298,7 @@ def run_kill_loop(
     work: Path, rounds: int, seed: int, report: Callable[[str], None] = print
 ) -> KillLoopResult:
     """Reference run, then `rounds` kill-and-resume rounds, each on its own store under `work`."""
-    from tasks.runs.report import read_report
+    from tasks.runs.folder import read_report
 
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(PRELOAD)  # no effect if this process's server already runs
@@ -319,7 +318,7 @@ def run_kill_loop(
     offsets = {name: round(seconds, 2) for name, seconds in ref.stages}
     report(
         f"fork server ready in {server_seconds:.1f} s; reference run: {ref.seconds:.1f} s, "
-        f"stages entered at {offsets} s, accuracy {_accuracies(reference)}"
+        f"stages entered at {offsets} s, accuracy {reference.accuracy()}"
     )
 
     records = []

@@ -195,13 +195,9 @@ def _guarded(action: Callable[[], None]) -> None:
 
 
 def _run_dir(runs: Path | None, run_id: str) -> Path:
-    """The folder of a finished run; ids are plain names, never paths out of the runs folder."""
-    root = runs or Path("runs")
-    if not run_id or Path(run_id).name != run_id or run_id in (".", ".."):
-        raise UserError(f"not a run id: {run_id!r} (see `featurepipe runs ls`)")
-    if not (root / run_id / "report.json").is_file():
-        raise UserError(f"no finished run {run_id} in {root}")
-    return root / run_id
+    from tasks.runs.folder import find_run
+
+    return find_run(runs or Path("runs"), run_id)
 
 
 def _settings(**flags):
@@ -593,7 +589,7 @@ def store_gc(store: Store = None) -> None:
 @runs_app.command("ls", help="Runs, newest first, with accuracy per classifier.")
 def runs_ls(runs: Runs = None, json_out: JsonOut = False) -> None:
     def body() -> None:
-        from tasks.runs.report import list_runs
+        from tasks.runs.folder import list_runs
 
         rows = list_runs(runs or Path("runs"))
         if json_out:
@@ -612,7 +608,9 @@ def runs_ls(runs: Runs = None, json_out: JsonOut = False) -> None:
 @runs_app.command("show", help="The Markdown report of one run.")
 def runs_show(run_id: str, runs: Runs = None) -> None:
     def body() -> None:
-        typer.echo((_run_dir(runs, run_id) / "report.md").read_text())
+        from tasks.runs.folder import read_markdown
+
+        typer.echo(read_markdown(_run_dir(runs, run_id)))
 
     _guarded(body)
 

@@ -14,18 +14,12 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import (
-    create_link_artifact,
-    create_markdown_artifact,
-    create_progress_artifact,
-    create_table_artifact,
-    update_progress_artifact,
-)
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from pydantic import BeforeValidator, ConfigDict, Field
 
-from flows.pipeline import scan_task
+from flows.pipeline import publish_run, scan_task
 from flows.settings import BackboneChoice, SettingsError
 from tasks.data.scan import Manifest
 from tasks.data.splits import split_rows
@@ -37,7 +31,8 @@ from tasks.finetune.training import (
     read_state,
     run_finetune,
 )
-from tasks.runs.report import REPORT_JSON, metrics_table, new_run_id, run_summary_markdown
+from tasks.runs.folder import is_finished, new_run_id
+from tasks.runs.schema import RunReport
 
 
 def _widths(value: Any) -> Any:
@@ -123,7 +118,7 @@ def resolve_run(settings: FinetuneFlowSettings) -> tuple[FinetuneFlowSettings, P
         return settings, settings.runs / new_run_id()
     run_dir = settings.runs / settings.resume
     state = read_state(run_dir)
-    if (run_dir / REPORT_JSON).exists() or state is None:
+    if is_finished(run_dir) or state is None:
         raise SettingsError(
             f"{run_dir} is not an interrupted fine-tuning run: "
             f"{'it has finished' if state else 'no checkpoint state in it'}"
@@ -170,7 +165,7 @@ def finetune_task(
     test_rows: np.ndarray,
     settings: FinetuneFlowSettings,
     run_dir: Path,
-) -> dict:
+) -> RunReport:
     extras = {"skipped": [asdict(s) for s in manifest.skipped]}
     report = run_finetune(
         manifest,
@@ -182,9 +177,7 @@ def finetune_task(
         extras=extras,
         on_epoch=_EpochProgress(),
     )
-    create_table_artifact(metrics_table(report), description="fine-tuning metrics")
-    create_markdown_artifact(run_summary_markdown(report), description="fine-tuning report")
-    create_link_artifact(run_dir.resolve().as_uri(), link_text=f"run folder {run_dir.name}")
+    publish_run(report, run_dir, "fine-tuning")
     return report
 
 
@@ -198,15 +191,15 @@ def finetune_flow(settings: FinetuneFlowSettings) -> dict:
         manifest, settings.split, settings.test_size, settings.seed, settings.group_regex
     )
     report = finetune_task(manifest, train, test, settings, run_dir)
-    entry = report["classifiers"]["finetune"]
+    entry = report.classifiers["finetune"]
     return {
         "run_id": run_dir.name,
         "run_dir": str(run_dir),
-        "accuracy": entry["metrics"]["accuracy"],
-        "epochs_run": entry["best_params"]["epochs_run"],
-        "best_epoch": entry["best_params"]["best_epoch"],
-        "resumes": report["extras"]["resumes"],
-        "train_seconds": report["extras"]["train_seconds"],
+        "accuracy": entry.accuracy,
+        "epochs_run": entry.best_params["epochs_run"],
+        "best_epoch": entry.best_params["best_epoch"],
+        "resumes": report.extras["resumes"],
+        "train_seconds": report.extras["train_seconds"],
         "seconds": time.perf_counter() - began,
         "class_names": manifest.class_names,
         "images_total": len(manifest.records),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from prefect import Task, flow, get_run_logger, task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.runtime import flow_run
@@ -29,6 +29,7 @@ from tasks.features.extract import ExtractResult, extract
 from tasks.features.store import FeatureStore
 from tasks.reduce.stage import ReduceOutcome, cached_reduction, reduce_cached
 from tasks.runs.redact import redact
+from tasks.runs.schema import RunReport
 
 
 def transient_io_failure(task: Task, task_run: TaskRun, state: State) -> bool:
@@ -161,6 +162,15 @@ def reduce_task(
     return outcome
 
 
+def publish_run(report: RunReport, run_dir: Path, label: str) -> None:
+    """A run's Prefect artifacts: the metrics table, and report.md's content with its pictures
+    inline and the run folder named as host and path (a file:// link opens nowhere else)."""
+    from tasks.runs.markdown import artifact_markdown, metrics_table
+
+    create_table_artifact(metrics_table(report), description=f"metrics {label}")
+    create_markdown_artifact(artifact_markdown(report, run_dir), description=f"report {label}")
+
+
 @task(name="classify", cache_policy=NO_CACHE, **IO_RETRIES, task_run_name="classify-{layer}")
 def classify_task(
     settings: PipelineSettings,
@@ -171,7 +181,7 @@ def classify_task(
     test_rows: np.ndarray,
     extras: dict,
 ) -> dict:
-    from tasks.runs.report import metrics_table, new_run_id, run_summary_markdown
+    from tasks.runs.folder import new_run_id
 
     run_id = new_run_id()
     run_dir = Path(settings.runs) / run_id
@@ -193,14 +203,8 @@ def classify_task(
         extras=extras,
         options=settings.classifier_options,
     )
-    create_table_artifact(metrics_table(report), description=f"metrics {layer}")
-    create_markdown_artifact(run_summary_markdown(report), description=f"report {layer}")
-    create_link_artifact(run_dir.resolve().as_uri(), link_text=f"run folder {run_id}")
+    publish_run(report, run_dir, layer)
     return {"run_id": run_id, "run_dir": str(run_dir), "report": report}
-
-
-def _accuracy(report: dict) -> dict[str, float]:
-    return {name: result["metrics"]["accuracy"] for name, result in report["classifiers"].items()}
 
 
 def _reduce_and_classify(
@@ -223,7 +227,7 @@ def _reduce_and_classify(
             "reduce_seconds": reduction.seconds,
             "run_id": run["run_id"],
             "run_dir": run["run_dir"],
-            "accuracy": _accuracy(run["report"]),
+            "accuracy": run["report"].accuracy(),
         }
     return layers
 
@@ -318,8 +322,9 @@ def pipeline_flow(settings: PipelineSettings) -> dict:
 def sweep_flow(settings: PipelineSettings) -> dict:
     """The notebook's experiment: every layer from one backbone pass, reduced, classified and
     compared in one table (Markdown, CSV, bar chart, Prefect table artifact)."""
-    from tasks.runs.report import read_report
-    from tasks.runs.sweep import sweep_rows, write_sweep
+    from tasks.runs.folder import read_report
+    from tasks.runs.markdown import inline_pictures
+    from tasks.runs.sweep import sweep_markdown, sweep_rows, write_sweep
 
     summary = pipeline_flow(settings)
     reports = {
@@ -327,10 +332,12 @@ def sweep_flow(settings: PipelineSettings) -> dict:
     }
     rows = sweep_rows(summary["layers"], reports)
     folder = Path(settings.runs) / f"sweep-{summary['run_id']}"
-    paths = write_sweep(
-        rows, folder, f"Layer sweep: {settings.backbone} on {settings.data}, split {settings.split}"
-    )
+    title = f"Layer sweep: {settings.backbone} on {settings.data}, split {settings.split}"
+    paths = write_sweep(rows, folder, title)
     create_table_artifact(rows, key="layer-sweep", description="accuracy per layer")
+    create_markdown_artifact(
+        sweep_markdown(rows, title, inline_pictures(folder)), description="layer sweep chart"
+    )
     return {**summary, "sweep": rows, "sweep_files": {k: str(v) for k, v in paths.items()}}
 
 

@@ -13,6 +13,7 @@ import numpy as np
 from tasks.data.scan import Manifest
 from tasks.features.store import FeatureStore
 from tasks.reduce.stage import ReduceOutcome, load_projected
+from tasks.runs.schema import RunReport
 
 
 def classify_run(
@@ -27,10 +28,10 @@ def classify_run(
     seed: int = 0,
     extras: dict | None = None,
     options: dict[str, dict] | None = None,
-) -> dict:
+) -> RunReport:
     """Fit every classifier on cached reduced rows, evaluate on the test rows, write the run."""
     from tasks.classify.models import train_and_evaluate
-    from tasks.runs.plots import explained_variance_png
+    from tasks.runs.plots import explained_variance_png, pca_class_map_png
     from tasks.runs.report import write_run
 
     projected, attrs = load_projected(store, reduction.key)
@@ -49,18 +50,24 @@ def classify_run(
         for name in classifiers
     ]
     run_dir.mkdir(parents=True, exist_ok=True)
-    plot = explained_variance_png(
-        np.asarray(attrs["pca"]["cumulative_variance_ratio"]),
-        reduction.n_components,
-        attrs["variance"],
-        run_dir / "pca_variance.png",
+    cumulative = np.asarray(attrs["pca"]["cumulative_variance_ratio"])
+    explained_variance_png(
+        cumulative, reduction.n_components, attrs["variance"], run_dir / "pca_variance.png"
+    )
+    rows = np.concatenate([train_rows, test_rows])
+    pca_class_map_png(
+        projected[rows, :2],
+        labels[rows],
+        len(train_rows),
+        cumulative,
+        manifest.class_names,
+        run_dir / "class_map.png",
     )
     keys = {"manifest": manifest.key, "features": reduction.feature_key, "reduction": reduction.key}
     info = {
         "n_components": reduction.n_components,
         "pca_method": reduction.method,
         "explained_variance": reduction.explained_variance,
-        "pca_variance_plot": plot.name,
         "n_train": int(len(train_rows)),
         "n_test": int(len(test_rows)),
         **(extras or {}),
@@ -73,5 +80,7 @@ def classify_run(
         class_names=manifest.class_names,
         test_files=[manifest.records[i].path for i in test_rows],
         y_test=labels[test_rows],
+        image_root=manifest.root,
+        images={"class_map": "class_map.png", "pca_variance": "pca_variance.png"},
         extras=info,
     )

@@ -30,7 +30,9 @@ from tasks.classify.models import ClassifierResult, classification_metrics, vali
 from tasks.data.scan import Manifest
 from tasks.data.splits import rows_key
 from tasks.errors import UserError
-from tasks.runs.report import atomic_write, load_model, read_report, write_run
+from tasks.runs.folder import atomic_write, load_model, read_report
+from tasks.runs.report import write_run
+from tasks.runs.schema import RunReport
 
 MODEL_NAME = "finetune"  # the classifier name in report.json, beside svm, logreg, ...
 CHECKPOINTS = "checkpoints"
@@ -472,9 +474,9 @@ def run_finetune(
     extras: dict | None = None,
     on_epoch: EpochCallback = _log_epoch,
     callbacks: Sequence = (),
-) -> dict:
+) -> RunReport:
     """Fine-tune on the training rows, evaluate the best checkpoint on the test rows, and
-    write the run folder; returns report.json's content.
+    write the run folder; returns its report.
 
     A run_dir holding an interrupted training (checkpoints/state.json) is resumed, provided
     the settings and rows are the same. `callbacks` are extra Keras callbacks, run after the
@@ -590,6 +592,7 @@ def run_finetune(
         class_names=manifest.class_names,
         test_files=[manifest.records[i].path for i in test_rows],
         y_test=y_test,
+        image_root=manifest.root,
         extras=info,
     )
     for name in (BEST_FILE, LAST_FILE):  # models/ holds the best model now; resume is over
@@ -603,15 +606,15 @@ def predict_finetuned(
     """Class names and softmax probabilities of a fine-tuned run's model for image files,
     decoded and preprocessed exactly as in training (augmentation off)."""
     report = read_report(run_dir)
-    if MODEL_NAME not in report["classifiers"]:
+    if MODEL_NAME not in report.classifiers:
         raise FinetuneError(
             f"run {Path(run_dir).name} is not a fine-tuning run "
-            f"(its models: {', '.join(report['classifiers'])})"
+            f"(its models: {', '.join(report.classifiers)})"
         )
-    settings = report["settings"]
+    settings = report.settings
     spec = get_spec(settings["backbone"])
     model = load_model(run_dir, MODEL_NAME)
     dataset = image_dataset(paths, None, settings["image_size"], load_preprocess(spec), batch_size)
     probabilities = np.asarray(model.predict(dataset, verbose=0))
-    names = report["class_names"]
+    names = report.class_names
     return [names[i] for i in np.argmax(probabilities, axis=1)], probabilities

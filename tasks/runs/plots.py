@@ -10,9 +10,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from tasks.runs.folder import atomic_write
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -22,10 +25,10 @@ def _figure(width: float, height: float) -> Figure:
     return figure
 
 
-def _save(figure: Figure, path: Path) -> Path:
-    path = Path(path)
-    figure.savefig(path, dpi=100)
-    return path
+def _save(figure: Figure, path: Path, dpi: int = 100) -> Path:
+    """Saved through a temp file: a run folder never holds half a PNG."""
+    atomic_write(path, lambda temp: figure.savefig(temp, dpi=dpi))
+    return Path(path)
 
 
 def confusion_png(
@@ -99,3 +102,78 @@ def bar_chart_png(labels: Sequence[str], values: Sequence[float], path: Path, yl
     axes.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
     axes.set_ylabel(ylabel)
     return _save(figure, path)
+
+
+def gallery_png(
+    tiles: Sequence[np.ndarray | None], captions: Sequence[str], path: Path, columns: int = 6
+) -> Path:
+    """Thumbnails in a grid, each captioned; a None tile (unreadable file) is a grey box."""
+    rows = max(1, -(-len(tiles) // columns))
+    figure = _figure(1.3 * columns, 1.55 * rows)
+    for index, axes in enumerate(figure.subplots(rows, columns, squeeze=False).flat):
+        axes.set_axis_off()
+        if index >= len(tiles):
+            continue
+        if tiles[index] is None:
+            axes.imshow(np.full((8, 8, 3), 200, dtype=np.uint8))
+            axes.text(3.5, 3.5, "missing", ha="center", va="center", fontsize=7)
+        else:
+            axes.imshow(tiles[index])
+        axes.set_title(captions[index], fontsize=7)
+    return _save(figure, path, dpi=80)
+
+
+def class_map_png(
+    points: np.ndarray,
+    labels: np.ndarray,
+    is_test: np.ndarray,
+    class_names: list[str],
+    path: Path,
+    axis_labels: tuple[str, str],
+) -> Path:
+    """2-D scatter of rows coloured by class: training rows as dots, test rows as crosses."""
+    colours = matplotlib.colormaps["tab10" if len(class_names) <= 10 else "tab20"]
+    figure = _figure(7.5, 5.5)
+    axes = figure.add_subplot()
+    for index, name in enumerate(class_names):
+        colour = colours(index % colours.N)
+        for test, marker, size in ((False, "o", 8), (True, "x", 14)):
+            chosen = (labels == index) & (is_test == test)
+            axes.scatter(
+                points[chosen, 0],
+                points[chosen, 1],
+                s=size,
+                marker=marker,
+                color=colour,
+                alpha=0.6,
+                linewidths=0.8 if test else 0,
+                label=None if test else name,
+            )
+    axes.scatter([], [], marker="x", color="black", label="test rows (x)")
+    axes.legend(loc="best", fontsize=8, markerscale=2)
+    axes.set_xlabel(axis_labels[0])
+    axes.set_ylabel(axis_labels[1])
+    axes.set_title("train (dots) and test (crosses) rows, coloured by true class")
+    return _save(figure, path)
+
+
+def pca_class_map_png(
+    components: np.ndarray,
+    labels: np.ndarray,
+    n_train: int,
+    cumulative_ratio: Sequence[float],
+    class_names: list[str],
+    path: Path,
+) -> Path:
+    """The class map on the first two PCA components of the rows (train rows first, then test;
+    a single component is drawn against zero), axes labelled with their share of variance."""
+    kept = min(2, components.shape[1])
+    points = np.zeros((len(components), 2))
+    points[:, :kept] = components[:, :kept]
+    shares = np.diff(np.asarray(cumulative_ratio, dtype=float)[:kept], prepend=0.0)
+    axis_labels = tuple(
+        f"PC{i + 1} ({shares[i]:.1%} of variance)" if i < kept else f"PC{i + 1} (not kept)"
+        for i in range(2)
+    )
+    is_test = np.arange(len(points)) >= n_train
+    return class_map_png(points, np.asarray(labels), is_test, class_names, path, axis_labels)

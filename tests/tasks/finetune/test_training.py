@@ -28,7 +28,7 @@ from tasks.finetune.training import (
     run_finetune,
     validation_rows,
 )
-from tasks.runs.report import list_runs, new_run_id
+from tasks.runs.folder import list_runs, new_run_id
 from tests.conftest import write_image
 
 # Random-init VGG16 at 32px with a tiny head: seconds per epoch on a shared CPU.
@@ -92,16 +92,16 @@ def test_interrupted_training_resumes_and_writes_a_run(image_tree: Path, tmp_pat
     record = keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, _: started.append(epoch))
     report = run_finetune(manifest, train, test, TINY, run_dir, callbacks=[record])
     assert started == [1, 2]  # epoch 2 of phase 1, then the one epoch of phase 2
-    entry = report["classifiers"]["finetune"]
-    assert 0.0 <= entry["metrics"]["accuracy"] <= 1.0
-    assert entry["best_params"]["epochs_run"] == 3
-    assert len(entry["history"]["val_loss"]) == 3
-    assert report["extras"]["resumes"] == 1
-    assert report["settings"]["image_size"] == 32
+    entry = report.classifiers["finetune"]
+    assert 0.0 <= entry.accuracy <= 1.0
+    assert entry.best_params["epochs_run"] == 3
+    assert len(entry.history["val_loss"]) == 3
+    assert report.extras["resumes"] == 1
+    assert report.settings["image_size"] == 32
     assert json.loads((run_dir / "report.json").read_text())["best_classifier"] == "finetune"
     assert (run_dir / "learning_curves_finetune.png").is_file()
     assert not (run_dir / CHECKPOINTS / LAST_FILE).exists()  # the model now lives in models/
-    assert list_runs(run_dir.parent)[0]["accuracy"] == {"finetune": entry["metrics"]["accuracy"]}
+    assert list_runs(run_dir.parent)[0]["accuracy"] == {"finetune": entry.accuracy}
 
     test_files = [Path(manifest.root) / manifest.records[i].path for i in test]
     labels, probabilities = predict_finetuned(run_dir, test_files)

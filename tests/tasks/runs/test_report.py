@@ -1,4 +1,5 @@
-"""Run folders written from real fitted classifiers on scikit-learn's digits."""
+"""Run folders written from real fitted classifiers on scikit-learn's digits (the test images
+written as PNG files, so the galleries show real thumbnails)."""
 
 from __future__ import annotations
 
@@ -9,25 +10,29 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from tasks.classify.models import predict_scores, train_and_evaluate
-from tasks.runs.plots import bar_chart_png, explained_variance_png
-from tasks.runs.report import (
+from tasks.runs.folder import (
     ModelIntegrityError,
     list_runs,
     load_model,
-    metrics_table,
     new_run_id,
-    run_summary_markdown,
+    read_report,
     sha256_file,
-    write_run,
 )
+from tasks.runs.gallery import GALLERY_CAP
+from tasks.runs.markdown import metrics_table, run_summary_markdown
+from tasks.runs.plots import bar_chart_png, explained_variance_png
+from tasks.runs.report import write_run
+from tasks.runs.schema import RunReport
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 CLASS_NAMES = [f"digit{d}" for d in range(10)]
@@ -36,13 +41,18 @@ SETTINGS = {"dataset": "digits", "backbone": "none", "layer": "pixels"}
 
 
 @pytest.fixture(scope="module")
-def split() -> dict:
+def split(tmp_path_factory) -> dict:
+    images = tmp_path_factory.mktemp("digit-images")
     X, y = load_digits(return_X_y=True)
     files = np.array([f"img_{i:04d}.png" for i in range(len(y))])
     X_train, X_test, y_train, y_test, _, files_test = train_test_split(
         X / 16.0, y, files, test_size=0.25, stratify=y, random_state=0
     )
+    for pixels, name in zip(X_test, files_test, strict=True):
+        image = (pixels.reshape(8, 8) * 255).astype(np.uint8).repeat(4, axis=0).repeat(4, axis=1)
+        Image.fromarray(image).save(images / name)
     return {
+        "image_root": images,
         "X_train": X_train,
         "y_train": y_train,
         "X_test": X_test,
@@ -63,7 +73,7 @@ def results(split) -> list:
 
 def _write(
     root: Path, results: list, split: dict, settings: dict = SETTINGS, **kwargs
-) -> tuple[Path, dict]:
+) -> tuple[Path, RunReport]:
     run_dir = root / new_run_id()
     report = write_run(
         run_dir,
@@ -73,13 +83,14 @@ def _write(
         class_names=CLASS_NAMES,
         test_files=split["test_files"],
         y_test=split["y_test"],
+        image_root=split["image_root"],
         **kwargs,
     )
     return run_dir, report
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, results, split) -> tuple[Path, dict]:
+def run(tmp_path_factory, results, split) -> tuple[Path, RunReport]:
     extras = {
         "n_components": np.int64(32),
         "evr": np.float32(0.875),
@@ -90,7 +101,7 @@ def run(tmp_path_factory, results, split) -> tuple[Path, dict]:
 
 
 def test_write_run_produces_every_file(run) -> None:
-    run_dir, _ = run
+    run_dir, report = run
     expected = {
         "report.json",
         "report.md",
@@ -100,7 +111,8 @@ def test_write_run_produces_every_file(run) -> None:
         "learning_curves_dense256.png",
     }
     for name in ("svm", "knn", "dense256"):
-        expected |= {f"confusion_{name}.png", f"misclassified_{name}.csv"}
+        expected |= {f"confusion_{name}.png", f"misclassified_{name}.csv", f"gallery_{name}.png"}
+        assert report.classifiers[name].n_misclassified > 0  # so each has a gallery
     written = {str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file()}
     assert written == expected  # no stray temp files, no learning curves for sklearn models
     for png in run_dir.glob("*.png"):
@@ -109,36 +121,77 @@ def test_write_run_produces_every_file(run) -> None:
 
 def test_report_json_is_plain_and_complete(run, split) -> None:
     run_dir, report = run
-    assert json.loads((run_dir / "report.json").read_text()) == report
-    assert report["extras"] == {
+    assert json.loads((run_dir / "report.json").read_text()) == report.to_json()
+    assert read_report(run_dir) == report
+    assert report.extras == {
         "n_components": 32,
         "evr": 0.875,
         "skipped": ["bad.jpeg"],
         "nan": None,
     }
-    assert report["keys"]["feature_key"] == "f" * 16
-    assert report["n_test"] == len(split["y_test"])
-    svm = report["classifiers"]["svm"]
-    assert svm["best_params"]["C"] == 10
-    assert svm["model_sha256"] == sha256_file(run_dir / svm["model_file"])
-    assert report["classifiers"]["dense256"]["history"]["val_loss"]
-    accuracies = {n: e["metrics"]["accuracy"] for n, e in report["classifiers"].items()}
-    assert report["best_classifier"] == max(accuracies, key=accuracies.get)
+    assert report.keys["feature_key"] == "f" * 16
+    assert report.n_test == len(split["y_test"])
+    svm = report.classifiers["svm"]
+    assert svm.best_params["C"] == 10
+    assert svm.model_sha256 == sha256_file(run_dir / svm.model_file)
+    assert report.classifiers["dense256"].history["val_loss"]
+    accuracies = report.accuracy()
+    assert report.best_classifier == max(accuracies, key=accuracies.get)
 
 
-def test_misclassified_csv_lists_wrong_predictions(run, results, split) -> None:
+def test_reports_without_newer_fields_still_load(run) -> None:
     run_dir, report = run
-    knn = next(r for r in results if r.name == "knn")
-    with open(run_dir / "misclassified_knn.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    wrong = np.flatnonzero(knn.y_pred != split["y_test"])
-    assert len(rows) == len(wrong) == report["classifiers"]["knn"]["n_misclassified"]
-    first = wrong[0]
-    assert rows[0] == {
-        "file": split["test_files"][first],
-        "true": CLASS_NAMES[split["y_test"][first]],
-        "predicted": CLASS_NAMES[knn.y_pred[first]],
-    }
+    data = report.to_json()
+    del data["images"]
+    assert RunReport.from_json(data).images == {}
+
+
+def _misclassified(run_dir: Path, name: str) -> list[dict]:
+    with open(run_dir / f"misclassified_{name}.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_misclassified_csv_lists_wrong_predictions_most_confident_first(
+    run, results, split
+) -> None:
+    run_dir, report = run
+    for result in results:
+        rows = _misclassified(run_dir, result.name)
+        wrong = np.flatnonzero(result.y_pred != split["y_test"])
+        assert len(rows) == len(wrong) == report.classifiers[result.name].n_misclassified
+        index = {f: i for i, f in enumerate(split["test_files"])}
+        assert sorted(index[row["file"]] for row in rows) == wrong.tolist()
+        for row in rows:
+            i = index[row["file"]]
+            assert row["true"] == CLASS_NAMES[split["y_test"][i]]
+            assert row["predicted"] == CLASS_NAMES[result.y_pred[i]]
+            assert float(row["score"]) == pytest.approx(
+                result.scores[i, result.y_pred[i]], abs=1e-4
+            )
+        scores = [float(row["score"]) for row in rows]
+        assert scores == sorted(scores, reverse=True)
+
+
+def _gallery_rows(path: Path) -> int:
+    """Rows of thumbnails in a gallery PNG: its height is 1.55 in per row at 80 dpi."""
+    with Image.open(path) as image:
+        return round(image.height / (1.55 * 80))
+
+
+def test_gallery_is_capped(run) -> None:
+    run_dir, report = run
+    counts = {name: entry.n_misclassified for name, entry in report.classifiers.items()}
+    assert max(counts.values()) > GALLERY_CAP and min(counts.values()) < GALLERY_CAP - 6
+    for name, count in counts.items():
+        shown = min(count, GALLERY_CAP)
+        assert _gallery_rows(run_dir / f"gallery_{name}.png") == -(-shown // 6), name
+
+
+def test_no_gallery_without_mistakes(tmp_path, results, split) -> None:
+    perfect = replace(results[1], y_pred=np.asarray(split["y_test"]))
+    run_dir, report = _write(tmp_path, [perfect], split)
+    assert "gallery" not in report.classifiers["knn"].images
+    assert not (run_dir / "gallery_knn.png").exists() and not _misclassified(run_dir, "knn")
 
 
 def test_markdown_has_tables_and_image_links(run) -> None:
@@ -148,9 +201,10 @@ def test_markdown_has_tables_and_image_links(run) -> None:
     assert "| classifier | accuracy | macro F1 | weighted F1 | fit s |" in markdown
     assert "| class | precision | recall | F1 | support |" in markdown
     assert "| true \\ predicted | digit0 |" in markdown
-    for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown):
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
+    for link in links:
         assert (run_dir / link).is_file()
-    assert "(learning_curves_dense256.png)" in markdown
+    assert {"learning_curves_dense256.png", "gallery_knn.png", "confusion_svm.png"} <= set(links)
     summary = run_summary_markdown(report)
     assert summary in markdown and "dataset `digits`" in summary
 
@@ -163,21 +217,11 @@ def test_metrics_table_rows(run) -> None:
     assert rows[0]["accuracy"] > 0.9
 
 
-def test_load_model_round_trips(run, split) -> None:
-    run_dir, report = run
-    for name in ("svm", "dense256"):
-        y_pred, _ = predict_scores(load_model(run_dir, name), split["X_test"])
-        assert np.array_equal(y_pred, _original_predictions(run_dir, report, name, split))
-
-
-def _original_predictions(run_dir: Path, report: dict, name: str, split: dict) -> np.ndarray:
-    """Predictions recovered from the misclassified CSV: wrong rows there, true labels elsewhere."""
-    y_pred = np.array(split["y_test"])
-    index = {f: i for i, f in enumerate(split["test_files"])}
-    with open(run_dir / report["classifiers"][name]["misclassified_file"], newline="") as handle:
-        for row in csv.DictReader(handle):
-            y_pred[index[row["file"]]] = CLASS_NAMES.index(row["predicted"])
-    return y_pred
+def test_load_model_round_trips(run, results, split) -> None:
+    run_dir, _ = run
+    for result in results:
+        y_pred, _ = predict_scores(load_model(run_dir, result.name), split["X_test"])
+        assert np.array_equal(y_pred, result.y_pred)
 
 
 def test_load_model_refuses_tampered_file(tmp_path, results, split) -> None:
@@ -217,9 +261,9 @@ def test_no_credentials_in_run_files(tmp_path, results, split) -> None:
     written = b"".join(path.read_bytes() for path in run_dir.rglob("*") if path.is_file())
     for secret in (b"hunter2", b"tok42", b"key42"):
         assert secret not in written
-    assert report["settings"]["store"] == "s3://AKIAKEY:***@bucket/store?region=eu&token=***"
-    assert report["settings"]["classifier_options"] == {"svm": {"api_key": "***", "C": [1]}}
-    assert report["settings"]["dataset"] == "digits"
+    assert report.settings["store"] == "s3://AKIAKEY:***@bucket/store?region=eu&token=***"
+    assert report.settings["classifier_options"] == {"svm": {"api_key": "***", "C": [1]}}
+    assert report.settings["dataset"] == "digits"
 
 
 def test_list_runs_newest_first(tmp_path, results, split) -> None:
@@ -259,7 +303,8 @@ def test_sklearn_run_does_not_import_tensorflow(tmp_path) -> None:
         import sys
         import numpy as np
         from tasks.classify.models import train_and_evaluate
-        from tasks.runs.report import load_model, write_run
+        from tasks.runs.folder import load_model
+        from tasks.runs.report import write_run
         X = np.random.default_rng(0).normal(size=(60, 4)); y = np.arange(60) % 3
         result = train_and_evaluate("logreg", X[:40], y[:40], X[40:], y[40:], ["a", "b", "c"])
         run_dir = {str(tmp_path / "run")!r}
