@@ -16,9 +16,11 @@ from typing import Any, NamedTuple
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
-from sklearn.model_selection import GridSearchCV, StratifiedKFold, train_test_split
+from sklearn.model_selection import StratifiedKFold, train_test_split
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.svm import SVC
+
+from tasks.classify.svm_grid import svm_grid_search
 
 # The original notebook's grid; a run may pass any other grid as options["param_grid"].
 SVM_PARAM_GRID: dict[str, list[Any]] = {
@@ -71,13 +73,14 @@ class ClassifierResult:
 def _fit_svm(X: np.ndarray, y: np.ndarray, opts: dict, seed: int, n_classes: int) -> _Fitted:
     """Grid-search an RBF SVC; stratified folds keep every class in every fold.
 
-    break_ties makes the predicted label the argmax of the reported decision scores
-    (plain one-vs-one voting can disagree with them on ties).
+    The search is GridSearchCV's (same candidates, folds, choice and refit) with each fold's
+    kernel computed once for all C values. break_ties makes the predicted label the argmax
+    of the reported decision scores (plain one-vs-one voting can disagree with them on ties).
     """
     folds = StratifiedKFold(n_splits=opts["cv_folds"], shuffle=True, random_state=seed)
-    search = GridSearchCV(SVC(break_ties=True, random_state=seed), opts["param_grid"], cv=folds)
-    search.fit(X, y)
-    return _Fitted(search, dict(search.best_params_), None)
+    base = SVC(break_ties=True, random_state=seed)
+    search = svm_grid_search(base, opts["param_grid"], X, y, folds.split(X, y))
+    return _Fitted(search.model, search.best_params, None)
 
 
 def _fit_logreg(X: np.ndarray, y: np.ndarray, opts: dict, seed: int, n_classes: int) -> _Fitted:

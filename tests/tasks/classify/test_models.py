@@ -51,7 +51,8 @@ def test_svm_default_grid_and_custom_grid(digits) -> None:
     default = train_and_evaluate("svm", X_train, y_train, X_test, y_test, CLASS_NAMES)
     assert default.best_params["C"] in SVM_PARAM_GRID["C"]
     assert default.best_params["gamma"] in SVM_PARAM_GRID["gamma"]
-    assert len(default.model.cv_results_["params"]) == 6
+    assert default.model.get_params()["C"] == default.best_params["C"]
+    assert default.model.get_params()["gamma"] == default.best_params["gamma"]
 
     grid = {"C": [2.0], "gamma": ["scale"]}
     custom = train_and_evaluate(
