@@ -76,7 +76,7 @@ def child(name: str, zarr_path: str, out: str, variance: float) -> None:
     from sklearn.preprocessing import MinMaxScaler
     from threadpoolctl import threadpool_limits
 
-    from tasks.reduce.pca import ScaledPCA
+    from tasks.reduce.pca import ScaledIncrementalPCA, ScaledPCA
 
     base_mb = _peak_rss_mb()
     cpu0, t0 = time.process_time(), time.perf_counter()
@@ -91,7 +91,11 @@ def child(name: str, zarr_path: str, out: str, variance: float) -> None:
         components, ratio, k = pca.components_, pca.explained_variance_ratio_, pca.n_components_
     else:
         X = da.from_zarr(zarr_path)
-        est = ScaledPCA(variance=variance, method=name).fit(X)
+        est = (
+            ScaledIncrementalPCA(variance=variance)
+            if name == "incremental"
+            else ScaledPCA(variance=variance, method=name)
+        ).fit(X)
         fit_s = time.perf_counter() - t0
         with threadpool_limits(1, user_api="blas"):  # as ScaledPCA.transform advises
             projected = est.transform(X).compute()

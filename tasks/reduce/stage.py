@@ -107,8 +107,6 @@ def reduce_cached(
 
     Runs on whatever Dask scheduler is active (a distributed client if one is open).
     """
-    from tasks.reduce.pca import ScaledPCA
-
     began = time.perf_counter()
     cached = cached_reduction(store, feature_key, train_rows, pca)
     if cached is not None:
@@ -126,9 +124,7 @@ def reduce_cached(
     )
     lineage = {}
     if base is None:
-        fitted = ScaledPCA(
-            variance=pca.variance, n_components=pca.components, method=pca.method
-        ).fit(data[np.sort(train_rows)])
+        fitted = _estimator(pca).fit(data[np.sort(train_rows)])
     else:  # a grown dataset: update the earlier fit with the new training rows only
         base_key, new_rows = base
         fitted = load_pca(store, base_key)
@@ -164,6 +160,15 @@ def reduce_cached(
         time.perf_counter() - began,
         explained,
     )
+
+
+def _estimator(pca: PcaSettings):
+    """The unfitted estimator for these settings."""
+    from tasks.reduce.pca import ScaledIncrementalPCA, ScaledPCA
+
+    if pca.method == "incremental":
+        return ScaledIncrementalPCA(variance=pca.variance, n_components=pca.components)
+    return ScaledPCA(variance=pca.variance, n_components=pca.components, method=pca.method)
 
 
 def _incremental_base(
@@ -216,7 +221,8 @@ def load_projected(store: FeatureStore, key: str) -> tuple[np.ndarray, dict]:
 
 
 def load_pca(store: FeatureStore, key: str):
-    """The fitted ScaledPCA of a stored reduction (used by prediction)."""
+    """The fitted estimator of a stored reduction (used by prediction): a ScaledPCA, or a
+    ScaledIncrementalPCA for method "incremental"."""
     from tasks.reduce.pca import ScaledPCA
 
     loaded = store.load_reduction(key, names=lambda name: name.startswith("pca_"))

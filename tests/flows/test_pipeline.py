@@ -9,6 +9,7 @@ from prefect import flow, task
 
 from flows.pipeline import IO_RETRIES
 from tasks.errors import UserError
+from tasks.reduce import _stream
 from tasks.reduce import pca as reduce
 
 FAST_RETRIES = {**IO_RETRIES, "retry_delay_seconds": [0, 0]}  # same policy, no waiting
@@ -51,7 +52,7 @@ def test_io_errors_give_up_after_two_retries() -> None:
 def test_pca_progress_lines_reach_the_run_log(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(reduce, "PROGRESS_SECONDS", 0.0)  # a line per block instead of per 10 s
+    monkeypatch.setattr(_stream, "PROGRESS_SECONDS", 0.0)  # a line per block instead of per 10 s
     rows = da.from_array(np.random.default_rng(0).random((64, 16)), chunks=(8, 16))
 
     @flow

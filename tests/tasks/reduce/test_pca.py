@@ -18,13 +18,16 @@ import numpy as np
 import pytest
 import zarr
 from scipy.linalg import subspace_angles
+from sklearn.base import clone
 from sklearn.decomposition import PCA
 from sklearn.preprocessing import MinMaxScaler
 from sklearn.svm import SVC
 from threadpoolctl import threadpool_limits
 
 from tasks.cluster import dask_client
-from tasks.reduce.pca import ScaledPCA, _chunk_bounds, _gram_plan
+from tasks.reduce._gram import gram_plan
+from tasks.reduce._stream import chunk_bounds
+from tasks.reduce.pca import ScaledIncrementalPCA, ScaledPCA
 
 
 @dataclass
@@ -86,6 +89,12 @@ def _svc_accuracy(est: ScaledPCA, data: Data) -> float:
     return SVC().fit(train, data.y[data.train]).score(test, data.y[data.test])
 
 
+def _estimator(method: str, **params) -> ScaledPCA | ScaledIncrementalPCA:
+    if method == "incremental":
+        return ScaledIncrementalPCA(**params)
+    return ScaledPCA(method=method, **params)
+
+
 def _max_angle(a: np.ndarray, b: np.ndarray) -> float:
     return float(subspace_angles(a.T.astype(np.float64), b.T.astype(np.float64)).max())
 
@@ -120,12 +129,12 @@ def test_gram_matches_sklearn(gram: ScaledPCA, data: Data) -> None:
 def test_gram_panel_plan(data: Data) -> None:
     """batch_size 100 really splits the 600 train rows into panels of whole steps (chunks);
     block3_pool rows get ~1 GiB panels."""
-    steps, panels = _gram_plan(_chunk_bounds(data.X[data.train]), 3000, 100)
+    steps, panels = gram_plan(chunk_bounds(data.X[data.train]), 3000, 100)
     assert len(panels) >= 6 and max(b - a for a, b in panels) <= 100
     assert panels[0][0] == 0 and panels[-1][1] == 600
     assert all(any(a <= s0 and s1 <= b for a, b in panels) for s0, s1 in steps)
-    assert len(_gram_plan(_chunk_bounds(data.X[data.train]), 3000, None)[1]) == 1
-    steps, panels = _gram_plan(list(range(0, 3201, 32)), 200704, None)
+    assert len(gram_plan(chunk_bounds(data.X[data.train]), 3000, None)[1]) == 1
+    steps, panels = gram_plan(list(range(0, 3201, 32)), 200704, None)
     assert len(panels) == 3 and all(b - a == 32 for a, b in steps)
 
 
@@ -145,7 +154,7 @@ def test_gram_single_panel_and_cut_rule(gram: ScaledPCA, data: Data) -> None:
 def test_approximate_methods_match_sklearn(method: str, data: Data) -> None:
     """Non-exact methods: n_components within 1, EVR within 1e-3, same downstream accuracy."""
     ref, k = data.pca, data.pca.n_components_
-    est = ScaledPCA(method=method, batch_size=128).fit(data.X[data.train])
+    est = _estimator(method, batch_size=128).fit(data.X[data.train])
     assert est.method_ == method and abs(est.n_components_ - k) <= 1
     m = min(k, est.n_components_)
     np.testing.assert_allclose(
@@ -180,7 +189,7 @@ def test_partial_fit_twice_is_exact_without_truncation(data: Data) -> None:
     """With batch_size >= rows nothing is truncated: two calls == sklearn on all train rows,
     which checks the min-max rescaling of the retained basis exactly."""
     low, high = _halves(data)
-    est = ScaledPCA(method="incremental", batch_size=600)
+    est = ScaledIncrementalPCA(batch_size=600)
     est.partial_fit(data.X[low])
     assert est.n_samples_seen_ == len(low)
     assert np.any(est.data_max_ < data.scaler.data_max_)  # the second half widens the range
@@ -201,9 +210,9 @@ def test_partial_fit_twice_close_to_fit(data: Data) -> None:
     top-10 subspace within 0.01 rad (measured 3e-6 and 1.4e-3; the documented tolerance)."""
     low, high = _halves(data)
     both = np.concatenate([low, high])
-    twice = ScaledPCA(method="incremental", batch_size=128)
+    twice = ScaledIncrementalPCA(batch_size=128)
     twice.partial_fit(data.X[low]).partial_fit(data.X[high])
-    once = ScaledPCA(method="incremental", batch_size=128).fit(data.X[both])
+    once = ScaledIncrementalPCA(batch_size=128).fit(data.X[both])
     np.testing.assert_array_equal(twice.data_min_, once.data_min_)
     np.testing.assert_array_equal(twice.data_max_, once.data_max_)
     np.testing.assert_allclose(twice.mean_, once.mean_, atol=1e-9)
@@ -218,7 +227,7 @@ def test_partial_fit_twice_close_to_fit(data: Data) -> None:
 
 @pytest.mark.parametrize("method", ["gram", "incremental"])
 def test_state_round_trip_through_zarr(method: str, data: Data, tmp_path: Path) -> None:
-    est = ScaledPCA(method=method, batch_size=128).fit(data.X[data.train[:400]])
+    est = _estimator(method, batch_size=128).fit(data.X[data.train[:400]])
     arrays, attrs = est.to_state()
     group = zarr.open_group(str(tmp_path / "state.zarr"), mode="w")
     for name, value in arrays.items():
@@ -227,7 +236,7 @@ def test_state_round_trip_through_zarr(method: str, data: Data, tmp_path: Path) 
 
     stored = zarr.open_group(str(tmp_path / "state.zarr"), mode="r")
     back = ScaledPCA.from_state({name: stored[name] for name in arrays}, dict(stored.attrs))
-    assert back.get_params() == est.get_params()
+    assert type(back) is type(est) and back.get_params() == est.get_params()
     for name in ("n_components_", "n_samples_seen_", "method_", "total_variance_"):
         assert getattr(back, name) == getattr(est, name)
     for name in (
@@ -246,6 +255,30 @@ def test_state_round_trip_through_zarr(method: str, data: Data, tmp_path: Path) 
         np.testing.assert_array_equal(
             back.partial_fit(more).components_, est.partial_fit(more).components_
         )
+
+
+def test_states_stored_before_the_estimator_split_still_load(data: Data) -> None:
+    """Reductions stored when one ScaledPCA carried every method (params with `method` and
+    `random_state`) load as the estimator that fits that method."""
+    est = ScaledIncrementalPCA(batch_size=128).fit(data.X[data.train[:400]])
+    arrays, attrs = est.to_state()
+    old = attrs | {"params": attrs["params"] | {"method": "incremental", "random_state": 0}}
+    back = ScaledPCA.from_state(arrays, old)
+    assert isinstance(back, ScaledIncrementalPCA) and back.get_params() == est.get_params()
+    np.testing.assert_array_equal(back.components_, est.components_)
+
+
+@pytest.mark.parametrize("method", ["gram", "randomized", "incremental"])
+def test_estimators_are_shaped_like_sklearn(method: str, data: Data) -> None:
+    """Constructors only store parameters (clone works), fit takes y and returns self,
+    learned state appears only after fit."""
+    est = _estimator(method, n_components=5)
+    assert not any(name.endswith("_") for name in vars(est))
+    copy = clone(est)
+    assert copy.get_params() == est.get_params() and copy is not est
+    assert est.fit(data.X[data.train], data.y[data.train]) is est
+    assert est.n_components_ == 5 and est.components_.shape == (5, 3000)
+    assert not hasattr(copy, "components_")
 
 
 def test_under_local_cluster_with_two_processes(gram: ScaledPCA, data: Data) -> None:
@@ -278,17 +311,18 @@ def test_float16_features(data: Data, tmp_path: Path) -> None:
 
 def test_errors(data: Data) -> None:
     X = data.X[data.train]
-    with pytest.raises(ValueError, match="partial_fit needs method='incremental'"):
-        ScaledPCA().partial_fit(X)
+    assert not hasattr(ScaledPCA(), "partial_fit")  # only the incremental estimator updates
     with pytest.raises(ValueError, match="not fitted"):
         ScaledPCA().transform(X)
     with pytest.raises(ValueError, match="method must be one of"):
         ScaledPCA(method="tsqr").fit(X)
+    with pytest.raises(ValueError, match="method must be one of"):
+        ScaledPCA(method="incremental").fit(X)
     with pytest.raises(ValueError, match="variance"):
         ScaledPCA(variance=1.5).fit(X)
     with pytest.raises(ValueError, match="batch_size must be >= n_components"):
-        ScaledPCA(method="incremental", n_components=50, batch_size=20).fit(X)
+        ScaledIncrementalPCA(n_components=50, batch_size=20).fit(X)
     with pytest.raises(TypeError):
         ScaledPCA().fit(np.asarray(X))
     with pytest.warns(RuntimeWarning, match="fewer than"):  # keeps 20 < the 0.8 cut
-        assert ScaledPCA(method="incremental", batch_size=20).fit(X).n_components_ == 20
+        assert ScaledIncrementalPCA(batch_size=20).fit(X).n_components_ == 20

@@ -1,0 +1,122 @@
+"""Streaming passes over row-chunked Dask arrays, shared by every PCA algorithm.
+
+A pass pulls row blocks with ``.compute()``, so the active scheduler (a distributed client or
+Dask's default threads) reads, decompresses and scales the chunks, while this process
+multiplies them: the memory of the products is bounded and predictable.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import dask.array as da
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+PROGRESS_SECONDS = 10.0  # at most one progress line per this many seconds of streaming
+STEP_BYTES = 32 * 2**20  # rows pulled per streaming step (input chunks are grouped up to this)
+logger = logging.getLogger("featurepipe.reduce")
+
+
+def group(bounds: list[int], max_rows: int) -> list[int]:
+    """Merge consecutive ranges given by `bounds` while they span at most max_rows rows."""
+    out = [bounds[0]]
+    for b in bounds[1:]:
+        if len(out) > 1 and b - out[-2] <= max_rows:
+            out[-1] = b
+        else:
+            out.append(b)
+    return out
+
+
+def pairs(bounds: list[int]) -> list[tuple[int, int]]:
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def chunk_bounds(X: da.Array) -> list[int]:
+    return [0, *np.cumsum(X.chunks[0]).tolist()]
+
+
+def step_rows(d: int) -> int:
+    """Rows of width d in one streaming step."""
+    return max(1, STEP_BYTES // (4 * d))
+
+
+def stream_steps(X: da.Array) -> list[tuple[int, int]]:
+    """Row ranges of whole input chunks, about STEP_BYTES each: one streaming pass's reads."""
+    return pairs(group(chunk_bounds(X), step_rows(X.shape[1])))
+
+
+def _fetch(Xc: da.Array, a: int, b: int) -> np.ndarray:
+    return np.asarray(Xc[a:b].compute(), dtype=np.float32)
+
+
+def stream(Xc: da.Array, steps: list[tuple[int, int]]) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Yield (start, stop, block) for each row range, computed by the active scheduler.
+
+    The next block is read while the caller multiplies this one: I/O overlaps the products
+    at the cost of one more block in memory.
+    """
+    if not steps:
+        return
+    last_report = time.monotonic()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(_fetch, Xc, *steps[0])
+        for i, (a, b) in enumerate(steps):
+            block = pending.result()
+            if i + 1 < len(steps):
+                pending = pool.submit(_fetch, Xc, *steps[i + 1])
+            if time.monotonic() - last_report > PROGRESS_SECONDS:  # long passes show progress
+                last_report = time.monotonic()
+                logger.info("PCA pass: rows %d-%d of %d-%d read", a, b, steps[0][0], steps[-1][1])
+            yield a, b, block
+
+
+class _SharedBlasLimit:
+    """A BLAS thread cap held for a whole fit, shared by concurrent fits in one process.
+
+    The fit's products run next to threads that read and decompress the next chunk, and
+    OpenBLAS's spinning threads fight them (measured in benchmarks/README.md). threadpoolctl
+    limits are process-wide, so the first user sets the cap and the last one restores the
+    original limits. (Toggling the limit per Dask task instead was slower than no limit.)
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._limits: threadpool_limits | None = None
+
+    @contextmanager
+    def __call__(self, threads: int) -> Iterator[None]:
+        with self._lock:
+            if self._users == 0:
+                self._limits = threadpool_limits(threads, user_api="blas")
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    self._limits.restore_original_limits()
+
+
+_blas_limit = _SharedBlasLimit()
+
+
+def client_blas_threads() -> int:
+    """BLAS threads for products in this process: all cores but one left for reading."""
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
+@contextmanager
+def product_threads() -> Iterator[None]:
+    """The BLAS cap for this process's products during a fit or projection."""
+    with _blas_limit(client_blas_threads()):
+        yield
