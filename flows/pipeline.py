@@ -189,6 +189,10 @@ def classify_task(
         **settings.model_dump(mode="json"),
         "layer": layer,
         "dataset": str(settings.data or manifest.root),
+        # absolute, so that `predict --run` finds the run's store from any folder
+        "store": settings.store
+        if "://" in settings.store
+        else str(Path(settings.store).expanduser().resolve()),
     }
     report = classify_run(
         FeatureStore(settings.store),
@@ -346,17 +350,21 @@ def predict_flow(
     run_dir: Path,
     data: Path,
     out: Path,
-    store: str = "featurepipe-store",
+    store: str | None = None,
     classifier: str | None = None,
 ) -> dict:
-    """Predict new images with a finished run and write a CSV (file, class, scores)."""
-    from tasks.runs.predict import predict_folder, write_predictions_csv
+    """Predict new images with a finished run and write a CSV (file, class, scores). The
+    store defaults to the run's own; the run is checked before any image is read."""
+    from tasks.runs.predict import plan_prediction, predict_folder, write_predictions_csv
 
-    rows, manifest, info = predict_folder(run_dir, data, FeatureStore(store), classifier)
+    plan = plan_prediction(run_dir, store, classifier)
+    with ExtractProgress(f"predict {plan.report.setting('backbone')}") as progress:
+        rows, manifest, info = predict_folder(plan, data, progress)
     write_predictions_csv(rows, out)
     get_run_logger().info("%d predictions written to %s", len(rows), out)
     return {
         **info,
+        "store": redact(info["store"]),
         "predictions": len(rows),
         "csv": str(out),
         "skipped": [asdict(s) for s in manifest.skipped],

@@ -1,57 +1,117 @@
 """Prediction on new images with a finished run: same backbone, layer, scaling, PCA and model.
 
 New images go through the feature store like any others, so predicting twice on the same
-folder extracts nothing the second time.
+folder extracts nothing the second time. Everything that can be checked without an image (the
+run's store, its reduction, its model files and weights) is checked first, so a wrong store or
+a tampered model fails in seconds, not after an hour of extraction.
 """
 
 from __future__ import annotations
 
 import csv
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from tasks.data.images import IMAGE_EXTENSIONS, check_image
-from tasks.data.scan import ImageRecord, Manifest, Skipped, file_sha256, scan
+from tasks.backbones.registry import get_spec, resolve_weights
+from tasks.data.scan import Manifest
+from tasks.data.unlabelled import scan_for_prediction
 from tasks.errors import UserError
-from tasks.features.extract import ExtractSettings, extract
+from tasks.features.extract import ExtractSettings, ProgressCallback, extract
 from tasks.features.store import FeatureStore
 from tasks.reduce.stage import load_pca
-from tasks.runs.report import load_model, read_report
+from tasks.runs.folder import load_model, read_report
+from tasks.runs.redact import MASK
+from tasks.runs.schema import RunReport
 
-UNLABELLED = "?"
 FINETUNED = "finetune"  # the model name of fine-tuning runs in report.json
 
 
-def scan_unlabelled(folder: Path) -> Manifest:
-    """Every image file directly in `folder` (no class sub-folders needed), label '?'."""
-    records, skipped = [], []
-    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
-        if path.suffix.lower() not in IMAGE_EXTENSIONS:
-            skipped.append(Skipped(path.name, f"not an image extension ({path.suffix or 'none'})"))
-            continue
-        reason = check_image(path)
-        if reason:
-            skipped.append(Skipped(path.name, reason))
-            continue
-        records.append(
-            ImageRecord(path.name, UNLABELLED, "all", path.stat().st_size, file_sha256(path))
+class PredictError(UserError):
+    """The run cannot predict here (wrong store, missing reduction, changed weights)."""
+
+
+@dataclass(frozen=True)
+class PredictPlan:
+    """A run checked for prediction: its report, the chosen (verified, loaded) model and, for
+    frozen-feature runs, the store holding its reduction."""
+
+    run_dir: Path
+    report: RunReport
+    classifier: str
+    model: Any
+    store: str | None  # None for fine-tuned runs: they take images, not stored features
+
+
+def recorded_store(report: RunReport) -> str:
+    """The store a run was made with, as its report records it."""
+    location = str(report.setting("store") or "")
+    if not location or MASK in location:
+        raise PredictError(
+            f"run {report.run_id} does not record a usable store location "
+            f"({location or 'none'}; credentials are masked in reports): give --store"
         )
-    if not records:
-        raise UserError(f"no readable images in {folder}")
-    return Manifest(str(folder.resolve()), records, [UNLABELLED], skipped)
+    return location
 
 
-def scan_for_prediction(folder: str | Path) -> Manifest:
-    """Class sub-folders are used when present (their names are kept as true labels)."""
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise UserError(f"folder not found: {folder}")
-    has_images_here = any(p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.iterdir())
-    return scan_unlabelled(folder) if has_images_here else scan(folder)
+def open_existing_store(location: str, recorded: str) -> FeatureStore:
+    """Open a store without creating it: a mistyped --store must not leave an empty one."""
+    import zarr
+
+    try:
+        zarr.open_group(location, mode="r", zarr_format=3)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, OSError):
+        raise PredictError(
+            f"no feature store at {location} (the run was made with the store {recorded})"
+        ) from None
+    return FeatureStore(location)
 
 
-def extract_settings_of(report: dict) -> ExtractSettings:
+def _check_weights(store: FeatureStore, report: RunReport) -> None:
+    """Refuse weights that no longer are the ones the run's features were made with (a
+    replaced weights file): its models would then score features they never saw."""
+    array = store.feature_array(report.keys["features"])
+    if array is None:  # features removed since: the reduction alone is needed
+        return
+    settings = report.settings
+    spec = get_spec(settings["backbone"])
+    now = resolve_weights(spec, settings["weights"], settings.get("seed", 0)).identity
+    if array.attrs.get("weights") != now:
+        raise PredictError(
+            f"weights {settings['weights']!r} are now {now}, but run {report.run_id} was "
+            f"made with {array.attrs.get('weights')}: its models do not fit these features"
+        )
+
+
+def plan_prediction(
+    run_dir: Path, store: str | None = None, classifier: str | None = None
+) -> PredictPlan:
+    """Check a run before any image is read: classifier, store (default: the run's own),
+    reduction, weights and the model file's sha256 (the model is loaded only if it matches)."""
+    report = read_report(run_dir)
+    name = classifier or report.best_classifier
+    if name not in report.classifiers:
+        raise PredictError(
+            f"run {run_dir.name} has no classifier {name!r}; it has {', '.join(report.classifiers)}"
+        )
+    location = None
+    if name != FINETUNED:
+        recorded = report.setting("store") or "?"
+        location = store or recorded_store(report)
+        feature_store = open_existing_store(location, recorded)
+        reduction = report.keys["reduction"]
+        if feature_store.reduction_attrs(reduction) is None:
+            raise PredictError(
+                f"the store {location} has no complete reduction {reduction} of run "
+                f"{run_dir.name} (the run was made with the store {recorded})"
+            )
+        _check_weights(feature_store, report)
+    return PredictPlan(run_dir, report, name, load_model(run_dir, name), location)
+
+
+def extract_settings_of(report: RunReport) -> ExtractSettings:
     """The extraction settings a run's features were made with."""
-    settings = report["settings"]
+    settings = report.settings
     return ExtractSettings(
         backbone=settings["backbone"],
         weights=settings["weights"],
@@ -64,33 +124,27 @@ def extract_settings_of(report: dict) -> ExtractSettings:
 
 
 def predict_folder(
-    run_dir: Path, folder: Path, store: FeatureStore, classifier: str | None = None
+    plan: PredictPlan, folder: Path, progress: ProgressCallback | None = None
 ) -> tuple[list[dict], Manifest, dict]:
-    """Predict every image of `folder` with one classifier of the run (default: its best)."""
+    """Predict every image of `folder` with a checked run (see plan_prediction)."""
     from tasks.classify.models import predict_scores
 
-    report = read_report(run_dir)
-    name = classifier or report["best_classifier"]
-    if name not in report["classifiers"]:
-        raise UserError(
-            f"run {run_dir.name} has no classifier {name!r}; it has "
-            f"{', '.join(report['classifiers'])}"
-        )
+    report = plan.report
     manifest = scan_for_prediction(folder)
-    class_names = report["class_names"]
-    if name == FINETUNED:  # an end-to-end network: images in, probabilities out
+    class_names = report.class_names
+    if plan.classifier == FINETUNED:  # an end-to-end network: images in, probabilities out
         from tasks.finetune.training import predict_finetuned
 
-        predicted, scores = predict_finetuned(run_dir, manifest.paths())
+        predicted, scores = predict_finetuned(plan.run_dir, manifest.paths())
         labels = [class_names.index(label) for label in predicted]
         counts = {"images_computed": len(labels), "images_cached": 0}
     else:
-        result = extract(manifest, store, extract_settings_of(report))
-        layer = report["settings"]["layer"]
+        store = FeatureStore(plan.store)
+        result = extract(manifest, store, extract_settings_of(report), progress)
+        layer = report.setting("layer")
         features = store.feature_array(result.feature_keys[layer]).as_dask()
-        pca = load_pca(store, report["keys"]["reduction"])
-        reduced = pca.project(features)
-        labels, scores = predict_scores(load_model(run_dir, name), reduced)
+        pca = load_pca(store, report.keys["reduction"])
+        labels, scores = predict_scores(plan.model, pca.project(features))
         counts = {"images_computed": result.images_computed, "images_cached": result.images_cached}
     rows = [
         {
@@ -101,7 +155,7 @@ def predict_folder(
         }
         for record, label, row in zip(manifest.records, labels, scores, strict=True)
     ]
-    return rows, manifest, {"classifier": name, **counts}
+    return rows, manifest, {"classifier": plan.classifier, "store": plan.store, **counts}
 
 
 def write_predictions_csv(rows: list[dict], path: Path) -> Path:

@@ -1,0 +1,136 @@
+"""Prediction with a finished run: the run's own store by default, every check before any
+image is read, and images the store already knows are copied, not recomputed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tasks.classify.stage import classify_run
+from tasks.data.scan import scan
+from tasks.data.splits import split_rows
+from tasks.data.unlabelled import UNLABELLED, scan_for_prediction
+from tasks.features.extract import ExtractSettings, extract
+from tasks.features.store import FeatureStore
+from tasks.reduce.stage import PcaSettings, load_projected, reduce_cached
+from tasks.runs.folder import ModelIntegrityError, load_model
+from tasks.runs.predict import PredictError, plan_prediction, predict_folder
+from tests.conftest import write_image
+
+SETTINGS = ExtractSettings(
+    backbone="vgg16",
+    weights="none",
+    layers=("block2_pool",),
+    image_size=32,
+    pooling="avg",
+    batch_size=8,
+    chunk_mb=0.05,
+)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A real run (extract -> reduce -> classify, no Prefect) on two generated classes."""
+    work = tmp_path_factory.mktemp("predict")
+    data = work / "images"
+    for label, tint in (("cats", 0), ("dogs", 120)):
+        for i in range(12):
+            write_image(data / label / f"{label}_{i:02d}.png", seed=1000 * tint + i, tint=tint)
+    manifest = scan(data)
+    store = FeatureStore(str(work / "store"))
+    layer = SETTINGS.layers[0]
+    feature_key = extract(manifest, store, SETTINGS).feature_keys[layer]
+    train, test = split_rows(manifest, "stratified", 0.25, 0)
+    reduction = reduce_cached(store, feature_key, train, PcaSettings(method="gram", variance=0.9))
+    run_dir = work / "runs" / "run-1"
+    settings = {
+        "backbone": "vgg16",
+        "weights": "none",
+        "layer": layer,
+        "image_size": 32,
+        "pooling": "avg",
+        "dtype": "float32",
+        "seed": 0,
+        "store": str(work / "store"),
+    }
+    classify_run(store, manifest, reduction, train, test, ["logreg"], run_dir, settings)
+    return {"work": work, "data": data, "manifest": manifest, "run_dir": run_dir}
+
+
+def _copy_run(trained: dict, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(trained["run_dir"], tmp_path / "run-copy"))
+
+
+def test_predict_uses_the_runs_store_and_copies_known_images(trained: dict, tmp_path: Path) -> None:
+    plan = plan_prediction(trained["run_dir"])  # no store given
+    assert plan.store == str(trained["work"] / "store")
+    new = tmp_path / "new"
+    new.mkdir()
+    known = sorted((trained["data"] / "cats").iterdir())[:3]
+    for path in known:
+        shutil.copy(path, new / f"known_{path.name}")
+    for i in range(2):
+        write_image(new / f"unseen_{i}.png", seed=99 + i, tint=60)
+    seen = []
+    rows, manifest, info = predict_folder(plan, new, lambda done, total: seen.append(done))
+    assert (info["images_computed"], info["images_cached"]) == (2, 3)
+    assert seen and seen[-1] == 2  # progress reported for the computed images only
+    assert [r["file"] for r in rows] == sorted(p.name for p in new.iterdir())
+    assert {r["true_class"] for r in rows} == {UNLABELLED}
+
+    # the known images get exactly the run's own predictions for their stored rows
+    store = FeatureStore(plan.store)
+    projected, _ = load_projected(store, plan.report.keys["reduction"])
+    run_rows = [trained["manifest"].paths().index(path) for path in known]
+    expected = load_model(trained["run_dir"], "logreg").predict(projected[run_rows])
+    names = plan.report.class_names
+    predicted = {r["file"]: r["predicted_class"] for r in rows}
+    assert [predicted[f"known_{p.name}"] for p in known] == [names[i] for i in expected]
+
+
+def test_a_wrong_store_fails_before_anything_is_created_or_read(
+    trained: dict, tmp_path: Path
+) -> None:
+    missing = tmp_path / "no-store-here"
+    with pytest.raises(PredictError, match=f"no feature store at {missing} .*made with"):
+        plan_prediction(trained["run_dir"], str(missing))
+    assert not missing.exists()  # a mistyped --store leaves nothing behind
+    other = FeatureStore(str(tmp_path / "other"))  # a real store, without this run
+    with pytest.raises(PredictError, match="has no complete reduction"):
+        plan_prediction(trained["run_dir"], other.location)
+    assert not list(other.feature_arrays())
+
+
+def test_a_tampered_model_is_refused_before_scanning(trained: dict, tmp_path: Path) -> None:
+    run_dir = _copy_run(trained, tmp_path)
+    model = run_dir / "models" / "logreg.joblib"
+    model.write_bytes(model.read_bytes() + b"\0")
+    with pytest.raises(ModelIntegrityError, match="refusing to load it"):
+        plan_prediction(run_dir)
+
+
+def test_changed_weights_are_refused(trained: dict, tmp_path: Path) -> None:
+    run_dir = _copy_run(trained, tmp_path)
+    report = json.loads((run_dir / "report.json").read_text())
+    report["settings"]["seed"] = 1  # random weights of another seed: other features
+    (run_dir / "report.json").write_text(json.dumps(report))
+    with pytest.raises(PredictError, match="its models do not fit these features"):
+        plan_prediction(run_dir)
+
+
+def test_unknown_classifier_names_the_runs_own(trained: dict) -> None:
+    with pytest.raises(PredictError, match="has no classifier 'svm'; it has logreg"):
+        plan_prediction(trained["run_dir"], classifier="svm")
+
+
+def test_flat_folder_scan_skips_non_images(tmp_path: Path) -> None:
+    write_image(tmp_path / "a.png", seed=1)
+    (tmp_path / "notes.txt").write_text("not an image")
+    manifest = scan_for_prediction(tmp_path)
+    assert [r.path for r in manifest.records] == ["a.png"]
+    assert [s.path for s in manifest.skipped] == ["notes.txt"]
+    assert np.array_equal(manifest.labels, [0])
