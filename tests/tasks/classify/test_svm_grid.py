@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 from sklearn.decomposition import PCA
+from sklearn.metrics.pairwise import pairwise_kernels
 from sklearn.model_selection import GridSearchCV, StratifiedKFold, train_test_split
 from sklearn.svm import SVC
 
 from tasks.classify.models import SVM_PARAM_GRID, train_and_evaluate
-from tasks.classify.svm_grid import best_index, refit, svm_grid_search
+from tasks.classify.svm_grid import _fold, _kernel, _kernel_spec, best_index, refit, svm_grid_search
 
 CLASS_NAMES = [str(d) for d in range(10)]
 TOL = SVC().tol
@@ -111,6 +112,40 @@ def test_refit_equals_a_direct_fit(projected, params: dict) -> None:
     assert ours._gamma == direct._gamma
     assert np.array_equal(ours.predict(X_test), direct.predict(X_test))
     assert np.allclose(ours.decision_function(X_test), direct.decision_function(X_test), atol=TOL)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"kernel": "rbf", "gamma": "scale"},
+        {"kernel": "rbf", "gamma": "auto"},
+        {"kernel": "linear"},
+        {"kernel": "poly", "degree": 3, "gamma": "scale", "coef0": 0.5},
+        {"kernel": "sigmoid", "gamma": "scale", "coef0": -1.0},
+    ],
+)
+def test_fold_kernels_are_the_ones_svc_would_use(projected, params: dict) -> None:
+    """gamma='scale' is resolved on each fold's training rows, as SVC.fit(X[train]) does."""
+    X_train, _, y_train, _ = projected
+    X = X_train.astype(np.float64)
+    X[:40] *= 3.0  # the folds' variances differ from the whole set's
+    for train, test in StratifiedKFold(n_splits=3, shuffle=True, random_state=0).split(X, y_train):
+        fold = _fold(X, y_train, train, test)
+        spec = _kernel_spec({**SVC().get_params(), **params}, fold)
+        svc = SVC(**params).fit(X[train], y_train[train])
+        extra = {"gamma": svc._gamma, "degree": svc.degree, "coef0": svc.coef0}
+        extra = {k: v for k, v in extra.items() if k in params}
+        expected = pairwise_kernels(X[train], metric=params["kernel"], **extra)
+        expected_cross = pairwise_kernels(X[test], X[train], metric=params["kernel"], **extra)
+        assert np.allclose(
+            _kernel(spec, fold.gram, fold.sq_train, fold.sq_train), expected, rtol=1e-12, atol=1e-12
+        )
+        assert np.allclose(
+            _kernel(spec, fold.cross, fold.sq_test, fold.sq_train),
+            expected_cross,
+            rtol=1e-12,
+            atol=1e-12,
+        )
 
 
 def test_unknown_kernel_is_refused(projected) -> None:
