@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+from pydantic import Field
 
 from tasks.backbones.registry import (
     BackboneSpec,
@@ -27,28 +28,26 @@ from tasks.backbones.registry import (
     load_preprocess,
     resolve_weights,
 )
+from tasks.backbones.settings import BackboneSettings
 from tasks.data.images import RESIZE_METHOD, load_rgb
 from tasks.data.scan import Manifest
-from tasks.features.store import FeatureArray, FeatureStore
+from tasks.features.store import DTYPES, FeatureArray, FeatureStore
 
 EXTRACT_VERSION = "2"  # bump when a code change alters the features for the same settings
 ProgressCallback = Callable[[int, int], None]
 
 
-@dataclass(frozen=True)
-class ExtractSettings:
+POOLINGS = ("avg", "max")
+
+
+class ExtractSettings(BackboneSettings):
     """Everything that decides which features are computed (plus how fast)."""
 
-    backbone: str = "vgg16"
-    weights: str = "imagenet"
-    layers: tuple[str, ...] = ()
-    image_size: int | None = None
-    pooling: str | None = None
-    dtype: str = "float32"
-    batch_size: int = 16
-    seed: int = 0
-    decode_workers: int = 2
-    chunk_mb: float = 16.0  # storage layout only: not part of the feature key
+    layers: tuple[str, ...] = Field((), description="Cut layers; empty = the backbone's default")
+    pooling: Literal[POOLINGS] | None = Field(None, description="Global pooling of each cut")
+    dtype: Literal[DTYPES] = Field("float32", description="Stored feature type")
+    decode_workers: int = Field(2, ge=1, description="Threads decoding images ahead")
+    chunk_mb: float = Field(16.0, gt=0, description="Storage layout only: not in the feature key")
 
 
 @dataclass
@@ -99,11 +98,29 @@ def feature_key(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def plan_extraction(manifest: Manifest, settings: ExtractSettings) -> ExtractPlan:
-    """Resolve names, sizes and weights and derive one content key per layer."""
+def resolve_backbone(settings: ExtractSettings) -> tuple[BackboneSpec, WeightsChoice, int]:
+    """Backbone, weights and input size the settings name: resolved wherever a model is built
+    (client or worker), so a weights file is read from each machine's own disk."""
     spec = get_spec(settings.backbone)
     weights = resolve_weights(spec, settings.weights, settings.seed)
-    size = settings.image_size or spec.default_size
+    return spec, weights, settings.image_size or spec.default_size
+
+
+def build_model(
+    spec: BackboneSpec,
+    weights: WeightsChoice,
+    image_size: int,
+    layers: Sequence[str],
+    settings: ExtractSettings,
+):
+    """The feature model of the settings, cut at `layers`: the one place that builds it, for
+    the local run and for every Dask worker alike."""
+    return build_feature_model(spec, weights, image_size, list(layers), settings.pooling)
+
+
+def plan_extraction(manifest: Manifest, settings: ExtractSettings) -> ExtractPlan:
+    """Resolve names, sizes and weights and derive one content key per layer."""
+    spec, weights, size = resolve_backbone(settings)
     layers = tuple(dict.fromkeys(settings.layers or (spec.default_layer,)))
     identities = {
         layer: {
@@ -123,13 +140,13 @@ def plan_extraction(manifest: Manifest, settings: ExtractSettings) -> ExtractPla
     return ExtractPlan(spec, weights, size, layers, identities)
 
 
-def _decode_batch(paths: Sequence[Path], size: int, preprocess: Callable) -> np.ndarray:
+def _decode_batch(paths: Sequence[str | Path], size: int, preprocess: Callable) -> np.ndarray:
     batch = np.stack([load_rgb(path, size) for path in paths])
     return np.asarray(preprocess(batch), dtype=np.float32)
 
 
-def _prefetched(
-    batches: list[list[Path]], size: int, preprocess: Callable, workers: int
+def prefetched(
+    batches: Sequence[Sequence[str | Path]], size: int, preprocess: Callable, workers: int
 ) -> Iterator[np.ndarray]:
     """Decode batches in a thread pool, keeping `workers + 1` batches ahead of the consumer."""
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
@@ -140,21 +157,6 @@ def _prefetched(
                 yield ahead.popleft().result()
         while ahead:
             yield ahead.popleft().result()
-
-
-def _units(arrays: list[FeatureArray], n_rows: int) -> list[tuple[int, int]]:
-    """Row ranges aligned to every array's chunks that still have a missing chunk."""
-    unit = max(a.chunk_rows for a in arrays)
-    missing = [set(a.missing_chunks()) for a in arrays]
-    todo = []
-    for start in range(0, n_rows, unit):
-        stop = min(start + unit, n_rows)
-        for array, gaps in zip(arrays, missing, strict=True):
-            first, last = start // array.chunk_rows, (stop - 1) // array.chunk_rows
-            if any(i in gaps for i in range(first, last + 1)):
-                todo.append((start, stop))
-                break
-    return todo
 
 
 def extract(
@@ -204,7 +206,7 @@ def _extract_locked(
             keys, n_rows, 0, n_rows, time.perf_counter() - began, n_features=n_features
         )
 
-    model = build_feature_model(plan.spec, plan.weights, plan.image_size, needed, settings.pooling)
+    model = build_model(plan.spec, plan.weights, plan.image_size, needed, settings)
     widths = [int(np.prod(output.shape[1:])) for output in model.outputs]
     arrays = [
         store.create_feature_array(
@@ -215,20 +217,23 @@ def _extract_locked(
             {
                 **plan.identities[layer],
                 "class_names": manifest.class_names,
-                "settings": asdict(settings),
+                "settings": settings.model_dump(mode="json"),
             },
             chunk_bytes=int(settings.chunk_mb * (1 << 20)),
         )
         for layer, width in zip(needed, widths, strict=True)
     ]
-    units = _units(arrays, n_rows)
+    units = plan_units(manifest, store, plan, arrays, needed)
     streaming = time.perf_counter()
     if client is None:
-        sources = [row_sources(store, manifest, plan, layer) for layer in needed]
-        computed = _run_units(manifest, model, plan, settings, arrays, units, sources, progress)
+        predict = model.predict_on_batch
+        computed = _run_units(predict, plan, settings, store, arrays, units, progress)
     else:
-        del model  # each worker builds its own
-        computed = _run_on_cluster(client, manifest, store, settings, needed, keys, units, progress)
+        del model  # each worker builds its own, once
+        from tasks.features.on_cluster import run_on_cluster
+
+        identity = plan.weights.identity
+        computed = run_on_cluster(client, store, settings, identity, needed, keys, units, progress)
     rate = computed / (time.perf_counter() - streaming) if computed else None  # excludes build
     seconds = time.perf_counter() - began
     for array in arrays:
@@ -266,153 +271,146 @@ def row_sources(
     return sources
 
 
-class _ChunkCache:
+@dataclass(frozen=True)
+class Unit:
+    """Rows [start, stop) covering whole chunks of every array: the smallest piece of work one
+    process finishes alone. No two units share a chunk, so units run anywhere, in any order,
+    twice if need be (a rerun writes the same bytes)."""
+
+    start: int
+    stop: int
+    rows: tuple[int, ...]  # rows that go through the backbone
+    paths: tuple[str, ...]  # their image files (paths or fsspec URLs): read where the unit runs
+    copies: tuple[tuple[tuple[int, str, int], ...], ...]  # per array: (row, source key, its row)
+    chunks: tuple[tuple[int, ...], ...]  # per array: the missing chunks this unit writes
+
+
+def plan_units(
+    manifest: Manifest,
+    store: FeatureStore,
+    plan: ExtractPlan,
+    arrays: list[FeatureArray],
+    layers: Sequence[str],
+) -> list[Unit]:
+    """One unit per span of the widest chunk that still has a missing chunk in some array;
+    rows another complete array already holds are copied, not recomputed."""
+    n_rows = len(manifest.records)
+    span = max(a.chunk_rows for a in arrays)
+    missing = [set(a.missing_chunks()) for a in arrays]  # read the done flags once
+    sources = [row_sources(store, manifest, plan, layer) for layer in layers]
+    units = []
+    for start in range(0, n_rows, span):
+        stop = min(start + span, n_rows)
+        chunks, copies, need = [], [], set()
+        for array, gaps, source in zip(arrays, missing, sources, strict=True):
+            first, last = start // array.chunk_rows, (stop - 1) // array.chunk_rows
+            todo = tuple(i for i in range(first, last + 1) if i in gaps)
+            rows = [r for i in todo for r in range(*array.chunk_slice(i).indices(n_rows))]
+            chunks.append(todo)
+            copies.append(tuple((r, source[r][0].key, source[r][1]) for r in rows if r in source))
+            need.update(r for r in rows if r not in source)
+        if any(chunks):
+            rows = sorted(need)
+            paths = tuple(str(path) for path in manifest.paths(rows))
+            units.append(Unit(start, stop, tuple(rows), paths, tuple(copies), tuple(chunks)))
+    return units
+
+
+def unit_batches(unit: Unit, batch_size: int) -> list[tuple[str, ...]]:
+    """The unit's image files in backbone batches (the same batches wherever it runs)."""
+    return [unit.paths[i : i + batch_size] for i in range(0, len(unit.paths), batch_size)]
+
+
+class ChunkCache:
     """Reads rows of other arrays one stored chunk at a time (rows come mostly in order)."""
 
-    def __init__(self) -> None:
+    def __init__(self, store: FeatureStore) -> None:
+        self.store = store
+        self.arrays: dict[str, FeatureArray] = {}
         self.key: tuple[str, int] | None = None
         self.block: np.ndarray | None = None
 
-    def row(self, array: FeatureArray, row: int) -> np.ndarray:
+    def row(self, key: str, row: int) -> np.ndarray:
+        if key not in self.arrays:
+            self.arrays[key] = self.store.feature_array(key)
+        array = self.arrays[key]
         index = row // array.chunk_rows
-        if self.key != (array.key, index):
-            self.key, self.block = (array.key, index), array.data[array.chunk_slice(index)]
+        if self.key != (key, index):
+            self.key, self.block = (key, index), array.data[array.chunk_slice(index)]
         return self.block[row - index * array.chunk_rows]
 
 
-def _plan_units(
+def compute_unit(
+    unit: Unit,
     arrays: list[FeatureArray],
-    missing: list[set[int]],
-    sources: list[RowSource],
-    units: list[tuple[int, int]],
-) -> list[tuple[int, int, list[int]]]:
-    """Per unit: the rows that must go through the backbone (missing chunk, no copy source)."""
-    work = []
-    for start, stop in units:
-        need: set[int] = set()
-        for array, gaps, source in zip(arrays, missing, sources, strict=True):
-            for index in range(start // array.chunk_rows, (stop - 1) // array.chunk_rows + 1):
-                if index in gaps:
-                    rows = array.chunk_slice(index)
-                    need.update(r for r in range(rows.start, rows.stop) if r not in source)
-        work.append((start, stop, sorted(need)))
-    return work
+    predict: Callable[[np.ndarray], object],
+    decoded: Iterator[np.ndarray],
+    copier: ChunkCache,
+    batch_size: int,
+    on_rows: Callable[[int], None] | None = None,
+) -> list[np.ndarray]:
+    """One buffer per array over the unit's rows: copies filled in, the other rows inferred
+    from `decoded` (the unit's batches, in `unit_batches` order)."""
+    buffers = [np.zeros((unit.stop - unit.start, a.data.shape[1]), np.float32) for a in arrays]
+    for buffer, copies in zip(buffers, unit.copies, strict=True):
+        for row, key, their_row in copies:
+            buffer[row - unit.start] = copier.row(key, their_row)
+    for offset in range(0, len(unit.rows), batch_size):
+        batch_rows = np.asarray(unit.rows[offset : offset + batch_size]) - unit.start
+        outputs = predict(next(decoded))
+        outputs = outputs if isinstance(outputs, list | tuple) else [outputs]
+        for buffer, output in zip(buffers, outputs, strict=True):
+            buffer[batch_rows] = np.asarray(output)
+        if on_rows:
+            on_rows(len(batch_rows))
+    return buffers
+
+
+def unit_writes(
+    unit: Unit, arrays: list[FeatureArray], buffers: list[np.ndarray]
+) -> Iterator[tuple[FeatureArray, int, np.ndarray]]:
+    """(array, chunk index, values) for every chunk the unit fills."""
+    for array, chunks, buffer in zip(arrays, unit.chunks, buffers, strict=True):
+        for index in chunks:
+            rows = array.chunk_slice(index)
+            yield array, index, buffer[rows.start - unit.start : rows.stop - unit.start]
 
 
 def _run_units(
-    manifest: Manifest,
-    model,
+    predict: Callable[[np.ndarray], object],
     plan: ExtractPlan,
     settings: ExtractSettings,
+    store: FeatureStore,
     arrays: list[FeatureArray],
-    units: list[tuple[int, int]],
-    sources: list[RowSource],
+    units: list[Unit],
     progress: ProgressCallback | None,
 ) -> int:
-    """Per unit: decode ahead and infer the rows nobody has, copy the rows another array has,
-    write every missing chunk asynchronously. Returns the number of images computed."""
-    missing = [set(a.missing_chunks()) for a in arrays]  # read the done flags once
-    work = _plan_units(arrays, missing, sources, units)
+    """In this process: decode ahead across units, infer, write every chunk asynchronously.
+    Returns the number of images computed."""
     size = settings.batch_size
-    batches = [rows[i : i + size] for _, _, rows in work for i in range(0, len(rows), size)]
-    decoded = _prefetched(
-        [manifest.paths(rows) for rows in batches],
+    decoded = prefetched(
+        [batch for unit in units for batch in unit_batches(unit, size)],
         plan.image_size,
         load_preprocess(plan.spec),
         settings.decode_workers,
     )
-    total, computed, cache = sum(len(rows) for _, _, rows in work), 0, _ChunkCache()
+    total, computed = sum(len(unit.rows) for unit in units), 0
+
+    def count(rows: int) -> None:
+        nonlocal computed
+        computed += rows
+        if progress:
+            progress(computed, total)
+
+    copier = ChunkCache(store)
     writes: deque[Future] = deque()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") as writer:
-        for start, stop, rows in work:
-            buffers = [np.zeros((stop - start, a.data.shape[1]), np.float32) for a in arrays]
-            for buffer, source in zip(buffers, sources, strict=True):
-                for row in range(start, stop):
-                    if row in source:
-                        buffer[row - start] = cache.row(*source[row])
-            for offset in range(0, len(rows), size):
-                batch_rows = np.asarray(rows[offset : offset + size]) - start
-                outputs = model.predict_on_batch(next(decoded))
-                outputs = outputs if isinstance(outputs, list | tuple) else [outputs]
-                for buffer, output in zip(buffers, outputs, strict=True):
-                    buffer[batch_rows] = np.asarray(output)
-                computed += len(batch_rows)
-                if progress:
-                    progress(computed, total)
-            for array, gaps, buffer in zip(arrays, missing, buffers, strict=True):
-                for index in range(start // array.chunk_rows, (stop - 1) // array.chunk_rows + 1):
-                    if index in gaps:
-                        rows_in = array.chunk_slice(index)
-                        values = buffer[rows_in.start - start : rows_in.stop - start]
-                        writes.append(writer.submit(array.write_chunk, index, values))
+        for unit in units:
+            buffers = compute_unit(unit, arrays, predict, decoded, copier, size, count)
+            for array, index, values in unit_writes(unit, arrays, buffers):
+                writes.append(writer.submit(array.write_chunk, index, values))
             while len(writes) > 2:
                 writes.popleft().result()
         while writes:
             writes.popleft().result()
-    return computed
-
-
-def _worker_extract(
-    manifest: Manifest,
-    location: str,
-    settings: ExtractSettings,
-    layers: list[str],
-    keys: dict[str, str],
-    units: list[tuple[int, int]],
-    threads: int,
-) -> int:
-    """Runs inside a Dask worker: build the backbone once and fill the given units' chunks."""
-    import tensorflow as tf
-
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(1)
-    except RuntimeError:
-        pass  # TensorFlow already initialised in this worker: keep its thread pools
-    store = FeatureStore(location)
-    plan = plan_extraction(manifest, settings)
-    model = build_feature_model(plan.spec, plan.weights, plan.image_size, layers, settings.pooling)
-    arrays = [store.feature_array(keys[layer]) for layer in layers]
-    sources = [row_sources(store, manifest, plan, layer) for layer in layers]
-    return _run_units(manifest, model, plan, settings, arrays, units, sources, None)
-
-
-def _run_on_cluster(
-    client,
-    manifest: Manifest,
-    store: FeatureStore,
-    settings: ExtractSettings,
-    layers: list[str],
-    keys: dict[str, str],
-    units: list[tuple[int, int]],
-    progress: ProgressCallback | None,
-) -> int:
-    """Give each Dask worker an interleaved share of whole units (so whole chunks): no two
-    workers ever write the same chunk, and the result equals a single-process run."""
-    from distributed import as_completed
-
-    workers = list(client.scheduler_info()["workers"])
-    threads = max(1, (os.cpu_count() or 1) // max(len(workers), 1))
-    shares = [units[i :: len(workers)] for i in range(len(workers))]
-    futures = [
-        client.submit(
-            _worker_extract,
-            manifest,
-            store.location,
-            settings,
-            layers,
-            keys,
-            share,
-            threads,
-            workers=[worker],
-            pure=False,
-        )
-        for worker, share in zip(workers, shares, strict=True)
-        if share
-    ]
-    total, computed = sum(b - a for a, b in units), 0
-    for future in as_completed(futures):
-        computed += future.result()
-        if progress:
-            progress(computed, total)
     return computed

@@ -94,6 +94,13 @@ class FeatureArray:
                     flags[i] = False
             return flags
 
+    def chunk_done(self, index: int) -> bool:
+        """One chunk's flag (one small read; a distributed task checks only its own chunks)."""
+        try:
+            return bool(self.group["done"][index])
+        except Exception:  # an unreadable flag counts as not done, as in done_flags
+            return False
+
     def missing_chunks(self) -> list[int]:
         return [int(i) for i in np.flatnonzero(~self.done_flags())]
 

@@ -7,13 +7,16 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+from distributed import get_task_stream
 
 from tasks.cluster import dask_client
 from tasks.data.scan import scan
+from tasks.features import on_cluster
 from tasks.features.extract import ExtractSettings, extract
 from tasks.features.store import FeatureStore
 from tests.conftest import write_image
@@ -41,16 +44,26 @@ def test_two_workers_produce_the_same_store_as_one(images: Path, tmp_path: Path)
     single = FeatureStore(str(tmp_path / "one"))
     keys = extract(manifest, single, SETTINGS).feature_keys
     double = FeatureStore(str(tmp_path / "two"))
-    with dask_client(workers=2, threads_per_worker=1) as client:
-        result = extract(manifest, double, SETTINGS, client=client)
+    seen: list[tuple[int, int]] = []
+    with (
+        dask_client(workers=2, threads_per_worker=1) as client,
+        get_task_stream(client) as stream,
+    ):
+        result = extract(manifest, double, SETTINGS, lambda *p: seen.append(p), client=client)
+        builds = client.run(lambda: sum(on_cluster.BUILDS.values()))
     assert result.images_computed == 40 and result.feature_keys == keys
+    # one task per unit of whole chunks (not one per worker), spread by the scheduler; each
+    # worker kept one backbone for all its tasks; progress moved once per finished unit
+    tasks = Counter(t["worker"] for t in stream.data if t["key"].startswith("extract-unit"))
+    units = min(double.feature_array(key).n_chunks for key in keys.values())  # widest chunks
+    assert sum(tasks.values()) == units > 2 and len(tasks) == 2
+    assert list(builds.values()) == [1, 1]
+    assert len(seen) == units and seen[-1] == (40, 40)
+    assert [done for done, _ in seen] == sorted({done for done, _ in seen})
     for key in keys.values():
         assert double.feature_array(key).complete
-        np.testing.assert_allclose(
-            double.feature_array(key).data[...],
-            single.feature_array(key).data[...],
-            rtol=1e-5,
-            atol=1e-6,
+        np.testing.assert_array_equal(
+            double.feature_array(key).data[...], single.feature_array(key).data[...]
         )
 
 
