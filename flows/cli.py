@@ -194,10 +194,22 @@ def _guarded(action: Callable[[], None]) -> None:
         )
 
 
+def _store_path(store: str | None) -> str:
+    from tasks.features.store import DEFAULT_STORE
+
+    return store or DEFAULT_STORE
+
+
+def _runs_folder(runs: Path | None) -> Path:
+    from flows.settings import DEFAULT_RUNS
+
+    return runs or DEFAULT_RUNS
+
+
 def _run_dir(runs: Path | None, run_id: str) -> Path:
     from tasks.runs.folder import find_run
 
-    return find_run(runs or Path("runs"), run_id)
+    return find_run(_runs_folder(runs), run_id)
 
 
 def _settings(**flags):
@@ -484,7 +496,7 @@ def store_ls(store: Store = None, json_out: JsonOut = False) -> None:
     def body() -> None:
         from tasks.features.store import FeatureStore
 
-        feature_store = FeatureStore(store or "featurepipe-store")
+        feature_store = FeatureStore(_store_path(store))
         rows = [a.summary() for a in feature_store.feature_arrays()]
         rows += [
             {
@@ -524,7 +536,7 @@ def store_info(key: str, store: Store = None) -> None:
     def body() -> None:
         from tasks.features.store import FeatureStore
 
-        feature_store = FeatureStore(store or "featurepipe-store")
+        feature_store = FeatureStore(_store_path(store))
         kind, full = feature_store.find(key)
         attrs = feature_store.root[f"{kind}/{full}"].attrs.asdict()
         if kind == "features":
@@ -545,7 +557,7 @@ def store_verify(store: Store = None, repair: bool = False, json_out: JsonOut = 
     def body() -> None:
         from tasks.features.store import FeatureStore
 
-        feature_store = FeatureStore(store or "featurepipe-store")
+        feature_store = FeatureStore(_store_path(store))
         report = {}
         for array in feature_store.feature_arrays():
             problems = array.verify()
@@ -570,7 +582,7 @@ def store_rm(key: str, store: Store = None) -> None:
     def body() -> None:
         from tasks.features.store import FeatureStore
 
-        typer.echo(f"removed {FeatureStore(store or 'featurepipe-store').remove(key)}")
+        typer.echo(f"removed {FeatureStore(_store_path(store)).remove(key)}")
 
     _guarded(body)
 
@@ -580,7 +592,7 @@ def store_gc(store: Store = None) -> None:
     def body() -> None:
         from tasks.features.store import FeatureStore
 
-        removed = FeatureStore(store or "featurepipe-store").gc()
+        removed = FeatureStore(_store_path(store)).gc()
         typer.echo("\n".join(f"removed {item}" for item in removed) or "nothing to remove")
 
     _guarded(body)
@@ -591,7 +603,7 @@ def runs_ls(runs: Runs = None, json_out: JsonOut = False) -> None:
     def body() -> None:
         from tasks.runs.folder import list_runs
 
-        rows = list_runs(runs or Path("runs"))
+        rows = list_runs(_runs_folder(runs))
         if json_out:
             _print({"runs": rows}, True, print)
             return
@@ -600,7 +612,7 @@ def runs_ls(runs: Runs = None, json_out: JsonOut = False) -> None:
             dataset = Path(str(row["dataset"])).name
             typer.echo(f"{row['id']}  {dataset}  {row['backbone']}/{row['layer']}  {scores}")
         if not rows:
-            typer.echo(f"no finished runs in {runs or Path('runs')}")
+            typer.echo(f"no finished runs in {_runs_folder(runs)}")
 
     _guarded(body)
 

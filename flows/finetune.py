@@ -8,24 +8,22 @@ saved settings.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import numpy as np
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
-from pydantic import BeforeValidator, ConfigDict, Field
+from pydantic import Field, field_validator
 
 from flows.pipeline import publish_run, scan_task
-from flows.settings import BackboneChoice, SettingsError
+from flows.settings import DataSettings, SettingsError, comma_list, stage_settings
 from tasks.data.scan import Manifest
 from tasks.data.splits import split_rows
 from tasks.finetune.training import (
-    FLIP_MODES,
-    OPTIMIZERS,
     EpochLog,
     FinetuneSettings,
     read_state,
@@ -35,63 +33,21 @@ from tasks.runs.folder import is_finished, new_run_id
 from tasks.runs.schema import RunReport
 
 
-def _widths(value: Any) -> Any:
-    """Accept "512,64" from flags as well as a list from a config file."""
-    if isinstance(value, str):
-        return [int(part) for part in value.split(",") if part.strip()]
-    return value
+class FinetuneFlowSettings(FinetuneSettings, DataSettings):
+    """Every knob of a fine-tuning run: the data and split, the fine-tuning, and `resume`."""
 
-
-class FinetuneFlowSettings(BackboneChoice):
-    """Every knob of a fine-tuning run; the FinetuneSettings fields keep their names."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    data: Path | None = Field(
-        None,
-        description="Image folder: one sub-folder per class "
-        "(optionally inside train/ valid/ test/)",
-    )
-    runs: Path = Field(Path("runs"), description="Folder that receives one folder per run")
     resume: str | None = Field(
         None, description="Run id of an interrupted fine-tuning to continue with its saved settings"
     )
-    limit_per_class: int | None = Field(None, ge=1)
-    split: Literal["auto", "stratified", "grouped", "folder"] = "auto"
-    test_size: float = Field(0.25, gt=0.0, lt=1.0)
-    group_regex: str | None = None
-    backbone: str = "vgg16"
-    weights: str = Field("imagenet", description="imagenet, hed-vgg16, none, or a weights file")
-    image_size: int | None = Field(None, ge=8, le=1024)
-    head: Annotated[list[Annotated[int, Field(ge=1)]], BeforeValidator(_widths)] = Field(
-        default_factory=lambda: [512, 64], description="Dense(relu) widths of the head"
-    )
-    dropout: float = Field(0.3, ge=0.0, lt=1.0)
-    batch_norm: bool = Field(
-        False,
-        description="BatchNormalization after pooling (helps with "
-        "unnormalised features, e.g. hed-vgg16)",
-    )
-    optimizer: Literal[OPTIMIZERS] = "adam"
-    phase1_epochs: int = Field(10, ge=0, description="Epochs with the base frozen")
-    phase1_learning_rate: float = Field(1e-3, gt=0.0)
-    phase2_epochs: int = Field(10, ge=0, description="Epochs with the top of the base trained")
-    phase2_learning_rate: float = Field(1e-5, gt=0.0)
-    unfreeze_last: int = Field(4, ge=0, description="Base layers trained in phase 2")
-    unfreeze_from: str | None = Field(None, description="Or: train every layer from this one")
-    batch_size: int = Field(16, ge=1, le=1024)
-    patience: int = Field(5, ge=1, description="Early stopping on val_loss, per phase")
-    validation_fraction: float = Field(0.2, gt=0.0, lt=1.0)
-    flip: Literal[FLIP_MODES] = "horizontal"
-    rotation: float = Field(0.05, ge=0.0, le=1.0, description="Fraction of a full turn")
-    zoom: float = Field(0.1, ge=0.0, lt=1.0)
-    translation: float = Field(0.1, ge=0.0, lt=1.0)
-    contrast: float = Field(0.1, ge=0.0, le=1.0)
-    seed: int = 0
+
+    @field_validator("head", mode="before")
+    @classmethod
+    def _widths(cls, value: Any) -> Any:
+        """Accept "512,64" from flags as well as a list from a config file."""
+        return [int(part) for part in comma_list(value)] if isinstance(value, str) else value
 
     def finetune_settings(self) -> FinetuneSettings:
-        values = self.model_dump(include={f.name for f in fields(FinetuneSettings)})
-        return FinetuneSettings(**{**values, "head": tuple(values["head"])})
+        return stage_settings(self, FinetuneSettings)
 
     def run_settings(self) -> dict:
         """What report.json and the checkpoint state record: enough to resume the run."""

@@ -1,81 +1,80 @@
-"""One validated settings model for every flow and command, from flags and/or a YAML/TOML file.
+"""One validated settings model per flow, composed of the stages' own settings.
 
-Pydantic gives users precise messages for bad values and gives the Prefect UI a typed form.
+Each stage declares its settings once, with defaults and constraints (tasks.backbones.settings,
+tasks.features.extract, tasks.reduce.stage, tasks.finetune.training); a flow's model inherits
+from the stages it runs, so flags, config files, the Prefect form and report.json all keep one
+flat set of names. Pydantic gives users precise messages for bad values and the Prefect UI a
+typed form.
 """
 
 from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from tasks.backbones.registry import check_input_size, get_spec
+from tasks.data.splits import SPLIT_METHODS
 from tasks.errors import UserError
 from tasks.features.extract import ExtractSettings
+from tasks.features.store import DEFAULT_STORE
 from tasks.reduce.stage import PcaSettings
+
+DEFAULT_RUNS = Path("runs")
+Stage = TypeVar("Stage", bound=BaseModel)
 
 
 class SettingsError(UserError):
     """Invalid settings; the message lists every problem in user terms."""
 
 
-class BackboneChoice(BaseModel):
-    """Checks shared by every settings model that names a backbone: an unknown name or too
-    small an input fails at validation, before Prefect starts or any image is read."""
-
-    @model_validator(mode="after")
-    def _backbone_fits(self):
-        spec = get_spec(self.backbone)
-        if self.image_size is not None:
-            check_input_size(spec, self.image_size)
-        return self
+def comma_list(value: Any) -> Any:
+    """Accept "a, b" from a flag as well as a list from a config file."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
 
 
-class PipelineSettings(BackboneChoice):
-    """Every knob of a featurepipe run, with the original notebook's choices as defaults."""
+def stage_settings(settings: BaseModel, stage: type[Stage]) -> Stage:
+    """The part of a flow's settings one stage takes, as that stage's own settings class."""
+    return stage(**{name: getattr(settings, name) for name in stage.model_fields})
 
-    model_config = ConfigDict(extra="forbid")
+
+class DataSettings(BaseModel):
+    """Which images, how they are split into train and test, and where runs are written."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     data: Path | None = Field(
         None,
         description="Image folder: one sub-folder per class "
         "(optionally inside train/ valid/ test/)",
     )
-    store: str = Field("featurepipe-store", description="Feature store location (Zarr)")
-    runs: Path = Field(Path("runs"), description="Folder that receives one folder per run")
-    backbone: str = "vgg16"
-    weights: str = Field("imagenet", description="imagenet, hed-vgg16, none, or a weights file")
-    layers: list[str] = Field(default_factory=list, description="Cut layers; empty = default")
-    image_size: int | None = Field(None, ge=8, le=1024)
-    pooling: Literal["avg", "max"] | None = None
-    dtype: Literal["float32", "float16"] = "float32"
-    batch_size: int = Field(16, ge=1, le=1024)
+    runs: Path = Field(DEFAULT_RUNS, description="Folder that receives one folder per run")
     limit_per_class: int | None = Field(None, ge=1)
-    variance: float = Field(0.8, gt=0.0, le=1.0, description="PCA variance target")
-    components: int | None = Field(
-        None, ge=1, description="Fixed number of PCA components (instead of the variance target)"
+    split: Literal[SPLIT_METHODS] = "auto"
+    test_size: float = Field(0.25, gt=0.0, lt=1.0)
+    group_regex: str | None = Field(
+        None, description="File-name regex giving a grouped split's group"
     )
-    pca_method: Literal["gram", "randomized", "incremental"] = "gram"
+
+
+class ClassifierSettings(BaseModel):
+    """Which classifiers run on the reduced features, and their options."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
     classifiers: list[str] = Field(default_factory=lambda: ["svm", "logreg"])
     classifier_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="Per classifier, e.g. {svm: {param_grid: {C: [1, 10]}}}"
     )
-    split: Literal["auto", "stratified", "grouped", "folder"] = "auto"
-    test_size: float = Field(0.25, gt=0.0, lt=1.0)
-    group_regex: str | None = None
-    seed: int = 0
-    dask_address: str | None = Field(None, description="tcp://host:port of a Dask scheduler")
-    workers: int = Field(1, ge=1, le=64, description="Local Dask worker processes")
 
-    @field_validator("layers", "classifiers", mode="before")
+    @field_validator("classifiers", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
+        return comma_list(value)
 
     @field_validator("classifiers")
     @classmethod
@@ -98,20 +97,29 @@ class PipelineSettings(BackboneChoice):
             resolve_options(name, options)  # unknown names/keys fail here, not after extraction
         return value
 
-    def pca_settings(self) -> PcaSettings:
-        return PcaSettings(self.pca_method, self.variance, self.components)
+
+class PipelineSettings(ClassifierSettings, PcaSettings, ExtractSettings, DataSettings):
+    """Every knob of a featurepipe run, with the original notebook's choices as defaults.
+
+    (Fields come in reverse base order: data first. PCA's method is `pca_method` only here.)
+    """
+
+    model_config = ConfigDict(validate_by_name=False)
+
+    store: str = Field(DEFAULT_STORE, description="Feature store location (Zarr)")
+    dask_address: str | None = Field(None, description="tcp://host:port of a Dask scheduler")
+    workers: int = Field(1, ge=1, le=64, description="Local Dask worker processes")
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _split_layers(cls, value: Any) -> Any:
+        return comma_list(value)
 
     def extract_settings(self) -> ExtractSettings:
-        return ExtractSettings(
-            backbone=self.backbone,
-            weights=self.weights,
-            layers=tuple(self.layers),
-            image_size=self.image_size,
-            pooling=self.pooling,
-            dtype=self.dtype,
-            batch_size=self.batch_size,
-            seed=self.seed,
-        )
+        return stage_settings(self, ExtractSettings)
+
+    def pca_settings(self) -> PcaSettings:
+        return stage_settings(self, PcaSettings)
 
 
 def read_config(path: Path) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from tasks.errors import UserError
 TARGET_CHUNK_BYTES = 16 << 20  # chunks of whole images, a few MB to ~16 MB each
 MAX_CHUNK_ROWS = 256  # caps work lost to a crash for narrow (pooled) features
 DTYPES = ("float32", "float16")
+DEFAULT_STORE = "featurepipe-store"  # where commands and flows look when no store is given
 METADATA_LOCK = "store-metadata"  # serialises creation of shared groups between processes
 
 

@@ -14,18 +14,20 @@ import math
 import time
 import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
+from pydantic import Field, model_validator
 
 from tasks.backbones.registry import (
     BackboneError,
-    check_input_size,
     get_spec,
     load_preprocess,
     resolve_weights,
 )
+from tasks.backbones.settings import BackboneSettings
 from tasks.classify.models import ClassifierResult, classification_metrics, validation_split
 from tasks.data.scan import Manifest
 from tasks.data.splits import rows_key
@@ -47,54 +49,42 @@ class FinetuneError(UserError):
     """Fine-tuning cannot start or resume with these settings; the message says why."""
 
 
-@dataclass(frozen=True)
-class FinetuneSettings:
+class FinetuneSettings(BackboneSettings):
     """Everything that decides the fine-tuned model (data selection is the caller's)."""
 
-    backbone: str = "vgg16"
-    weights: str = "imagenet"
-    image_size: int | None = None  # None: the backbone's default size
-    head: tuple[int, ...] = (512, 64)  # Dense(relu) widths after global average pooling
-    dropout: float = 0.3  # after every hidden Dense layer
-    # BatchNormalization right after pooling: VGG-style pooled features are unnormalised
-    # (hed-vgg16 reaches ~190) and can stall or kill the ReLU head at usual learning rates.
-    batch_norm: bool = False
-    optimizer: str = "adam"
-    phase1_epochs: int = 10  # base frozen: only the head learns
-    phase1_learning_rate: float = 1e-3
-    phase2_epochs: int = 10  # top of the base unfrozen, at a lower learning rate
-    phase2_learning_rate: float = 1e-5
-    unfreeze_last: int = 4  # base layers trained in phase 2 ...
-    unfreeze_from: str | None = None  # ... or every layer from this one on (wins if given)
-    batch_size: int = 16
-    patience: int = 5  # early stopping on val_loss, per phase
-    validation_fraction: float = 0.2  # of the training rows, when there is no valid/ tree
-    flip: str = "horizontal"  # one of FLIP_MODES
-    rotation: float = 0.05  # fractions of a full turn; 0 turns an augmentation off
-    zoom: float = 0.1
-    translation: float = 0.1
-    contrast: float = 0.1
-    seed: int = 0
+    head: tuple[Annotated[int, Field(ge=1)], ...] = Field(
+        (512, 64), description="Dense(relu) widths after global average pooling"
+    )
+    dropout: float = Field(0.3, ge=0.0, lt=1.0, description="After every hidden Dense layer")
+    batch_norm: bool = Field(
+        False,
+        description="BatchNormalization after pooling: VGG-style pooled features are "
+        "unnormalised (hed-vgg16 reaches ~190) and can stall the ReLU head",
+    )
+    optimizer: Literal[OPTIMIZERS] = "adam"
+    phase1_epochs: int = Field(10, ge=0, description="Epochs with the base frozen")
+    phase1_learning_rate: float = Field(1e-3, gt=0.0)
+    phase2_epochs: int = Field(10, ge=0, description="Epochs with the top of the base trained")
+    phase2_learning_rate: float = Field(1e-5, gt=0.0)
+    unfreeze_last: int = Field(4, ge=0, description="Base layers trained in phase 2")
+    unfreeze_from: str | None = Field(
+        None, description="Or: train every layer from this one (wins if given)"
+    )
+    patience: int = Field(5, ge=1, description="Early stopping on val_loss, per phase")
+    validation_fraction: float = Field(
+        0.2, gt=0.0, lt=1.0, description="Of the training rows, when there is no valid/ tree"
+    )
+    flip: Literal[FLIP_MODES] = "horizontal"
+    rotation: float = Field(0.05, ge=0.0, le=1.0, description="Fraction of a full turn; 0: off")
+    zoom: float = Field(0.1, ge=0.0, lt=1.0)
+    translation: float = Field(0.1, ge=0.0, lt=1.0)
+    contrast: float = Field(0.1, ge=0.0, le=1.0)
 
-    def check(self) -> None:
-        """Refuse bad values before minutes of model building, with a message users can act on."""
-        problems = []
-        if self.optimizer.lower() not in OPTIMIZERS:
-            problems.append(f"optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-        if self.flip not in FLIP_MODES:
-            problems.append(f"flip {self.flip!r} is not one of {', '.join(FLIP_MODES)}")
-        if min(self.phase1_epochs, self.phase2_epochs, self.unfreeze_last) < 0:
-            problems.append("epochs and unfreeze_last cannot be negative")
+    @model_validator(mode="after")
+    def _trains(self):
         if self.phase1_epochs + self.phase2_epochs == 0:
-            problems.append("at least one epoch is needed")
-        if min(self.batch_size, self.patience, *self.head, 1) < 1:
-            problems.append("batch_size, patience and head widths must be at least 1")
-        if not 0.0 <= self.dropout < 1.0 or not 0.0 < self.validation_fraction < 1.0:
-            problems.append("dropout must be in [0, 1) and validation_fraction in (0, 1)")
-        if min(self.rotation, self.zoom, self.translation, self.contrast) < 0:
-            problems.append("augmentation factors cannot be negative")
-        if problems:
-            raise FinetuneError("invalid fine-tuning settings: " + "; ".join(problems))
+            raise ValueError("at least one epoch is needed (phase1_epochs + phase2_epochs)")
+        return self
 
 
 @dataclass
@@ -145,14 +135,7 @@ def resolved(settings: FinetuneSettings) -> FinetuneSettings:
     """Settings with the image size filled in, as stored in state and report."""
     spec = get_spec(settings.backbone)
     size = settings.image_size or spec.default_size
-    check_input_size(spec, size)
-    return replace(
-        settings,
-        backbone=spec.name,
-        image_size=size,
-        head=tuple(settings.head),
-        optimizer=settings.optimizer.lower(),
-    )
+    return settings.model_copy(update={"backbone": spec.name, "image_size": size})
 
 
 def augmentation(settings: FinetuneSettings):
@@ -484,7 +467,6 @@ def run_finetune(
     """
     import keras
 
-    settings.check()
     settings = resolved(settings)
     run_dir = Path(run_dir)
     spec = get_spec(settings.backbone)
@@ -508,9 +490,9 @@ def run_finetune(
         "dataset": manifest.root,
         "layer": MODEL_NAME,
         **(run_settings or {}),
-        **asdict(settings),
+        **settings.model_dump(mode="json"),
     }
-    stored = json.loads(json.dumps(asdict(settings)))  # tuples -> lists, as read back from JSON
+    stored = settings.model_dump(mode="json")  # tuples -> lists, as read back from JSON
     state = _resumed_state(run_dir, stored, keys)
     if state is None:
         state = TrainState(settings=stored, keys=keys, run_settings=report_settings)

@@ -10,8 +10,10 @@ import json
 import time
 from collections import Counter
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.data.splits import rows_key
 from tasks.errors import UserError
@@ -33,13 +35,30 @@ class ReduceOutcome:
     explained_variance: float
 
 
-@dataclass(frozen=True)
-class PcaSettings:
-    """How to reduce: the PCA method and where to cut, a variance target or a fixed count."""
+PCA_METHODS = ("gram", "randomized", "incremental")
 
-    method: str = "gram"
-    variance: float = 0.8
-    components: int | None = None  # when set, the variance target is ignored
+
+class PcaSettings(BaseModel):
+    """How to reduce: the PCA method and where to cut, a variance target or a fixed count.
+
+    `method` reads `pca_method` in flags, config files and reports (beside other stages' keys).
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        validate_by_name=True,
+        validate_by_alias=True,
+        serialize_by_alias=True,
+    )
+
+    method: Literal[PCA_METHODS] = Field(
+        "gram", alias="pca_method", description="gram (exact), randomized or incremental"
+    )
+    variance: float = Field(0.8, gt=0.0, le=1.0, description="PCA variance target")
+    components: int | None = Field(
+        None, ge=1, description="Fixed number of PCA components (instead of the variance target)"
+    )
 
     @property
     def target(self) -> float | None:
@@ -57,6 +76,9 @@ class PcaSettings:
         return {"method": self.method, **cut}
 
 
+DEFAULT_PCA = PcaSettings()
+
+
 def reduce_key(feature_key: str, train_rows: np.ndarray, pca: PcaSettings) -> str:
     """Content key of a reduction: features + train rows + scaling/PCA settings."""
     identity = {
@@ -70,7 +92,7 @@ def reduce_key(feature_key: str, train_rows: np.ndarray, pca: PcaSettings) -> st
 
 
 def cached_reduction(
-    store: FeatureStore, feature_key: str, train_rows: np.ndarray, pca: PcaSettings = PcaSettings()
+    store: FeatureStore, feature_key: str, train_rows: np.ndarray, pca: PcaSettings = DEFAULT_PCA
 ) -> ReduceOutcome | None:
     """The stored reduction for these settings, if any (cheap: no Dask cluster needed)."""
     began = time.perf_counter()
@@ -101,7 +123,7 @@ def _check_components(pca: PcaSettings, n_train: int, n_features: int) -> None:
 
 
 def reduce_cached(
-    store: FeatureStore, feature_key: str, train_rows: np.ndarray, pca: PcaSettings = PcaSettings()
+    store: FeatureStore, feature_key: str, train_rows: np.ndarray, pca: PcaSettings = DEFAULT_PCA
 ) -> ReduceOutcome:
     """Fit min-max + PCA on the train rows only, project every row, and store both.
 

@@ -16,7 +16,7 @@ def test_yaml_config_with_flags_winning(tmp_path: Path) -> None:
         "classifier-options:\n  svm:\n    param_grid: {C: [1, 10]}\n"
     )
     settings = load_settings(config, variance=0.7, limit_per_class=None)
-    assert settings.layers == ["block3_pool", "block4_pool"]
+    assert settings.layers == ("block3_pool", "block4_pool")
     assert settings.variance == 0.7  # the flag wins; None means "not given"
     assert settings.classifier_options == {"svm": {"param_grid": {"C": [1, 10]}}}
 

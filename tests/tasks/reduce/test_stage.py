@@ -29,7 +29,7 @@ def _tree(root: Path, per_class: int, start: int = 0) -> None:
             write_image(root / "test" / label / f"t{i}.png", seed=900 + i + tint, tint=tint)
 
 
-INCREMENTAL = PcaSettings("incremental", 0.9)
+INCREMENTAL = PcaSettings(method="incremental", variance=0.9)
 
 
 def _reduce(root: Path, store: FeatureStore, pca: PcaSettings = INCREMENTAL):
@@ -42,8 +42,8 @@ def _reduce(root: Path, store: FeatureStore, pca: PcaSettings = INCREMENTAL):
 def test_fixed_component_count_and_too_many_components(tmp_path: Path) -> None:
     data, store = tmp_path / "images", FeatureStore(str(tmp_path / "store"))
     _tree(data, per_class=6)  # 12 training rows: PCA gives at most 11 components
-    by_variance = _reduce(data, store, PcaSettings("gram", 0.9))
-    fixed = _reduce(data, store, PcaSettings("gram", 0.9, components=11))
+    by_variance = _reduce(data, store, PcaSettings(method="gram", variance=0.9))
+    fixed = _reduce(data, store, PcaSettings(method="gram", variance=0.9, components=11))
     assert fixed.n_components == 11 and fixed.key != by_variance.key
     assert store.load_reduction(fixed.key)[0]["projected"].shape == (20, 11)
     assert dict(store.reductions())[fixed.key]["variance"] is None  # the count decided the cut
@@ -52,7 +52,7 @@ def test_fixed_component_count_and_too_many_components(tmp_path: Path) -> None:
         match=r"--components 12 is more than PCA can give here: "
         r"at most 11 \(12 training images - 1, 128 features\)",
     ):
-        _reduce(data, store, PcaSettings("gram", 0.9, components=12))
+        _reduce(data, store, PcaSettings(method="gram", variance=0.9, components=12))
 
 
 def test_grown_dataset_updates_the_incremental_fit(tmp_path: Path) -> None:
