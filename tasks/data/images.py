@@ -6,9 +6,11 @@ files are usable: `check_image` and `load_rgb` share one decode path.
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -69,21 +71,39 @@ def _sniff(head: bytes) -> str:
     return "a text file, not an image"
 
 
-def _open(path: Path) -> Image.Image:
-    """Open, bomb-check and fully decode one file, turning every failure into an ImageError.
+def is_url(location: str | Path) -> bool:
+    """Whether a location names an object (s3://bucket/key, any fsspec URL), not a local path."""
+    return "://" in str(location)
+
+
+def _binary(source: str | Path | bytes) -> IO[bytes]:
+    """A readable handle on the image's bytes: a local regular file, an fsspec URL (read
+    whole: images are small and object stores prefer one request) or bytes already read."""
+    if isinstance(source, bytes):
+        return io.BytesIO(source)
+    if is_url(source):
+        import fsspec
+
+        with fsspec.open(str(source), "rb") as remote:
+            return io.BytesIO(remote.read())
+    info = os.stat(source)
+    if not stat.S_ISREG(info.st_mode):
+        raise ImageError("not a regular file (a device, pipe or socket)")
+    return open(source, "rb")
+
+
+def _open(source: str | Path | bytes) -> Image.Image:
+    """Open, bomb-check and fully decode one image, turning every failure into an ImageError.
 
     The pixel count is checked from the header before load(), so a bomb is never allocated.
     Nothing global is changed (no warnings filters, no Image.MAX_IMAGE_PIXELS): extraction
     decodes in threads.
     """
     try:
-        info = os.stat(path)
-        if not stat.S_ISREG(info.st_mode):
-            raise ImageError("not a regular file (a device, pipe or socket)")
-        if info.st_size == 0:
-            raise ImageError("empty file (0 bytes)")
-        with open(path, "rb") as handle:
+        with _binary(source) as handle:
             head = handle.read(512)
+            if not head:
+                raise ImageError("empty file (0 bytes)")
             handle.seek(0)
             try:
                 image = Image.open(handle)
@@ -152,15 +172,17 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_rgb(path: str | Path, size: int) -> np.ndarray:
-    """Decode, orient and resize one file to a (size, size, 3) float32 array in 0..255."""
-    resized = _open(Path(path)).resize((size, size), Image.Resampling.BILINEAR)
+    """Decode, orient and resize one file (path or URL) to a (size, size, 3) float32 array in
+    0..255."""
+    resized = _open(path).resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(resized, dtype=np.float32)
 
 
-def check_image(path: str | Path) -> str | None:
-    """Return why the file cannot be used, or None if it decodes fully."""
+def check_image(path: str | Path | bytes) -> str | None:
+    """Return why the file (path, URL, or its bytes) cannot be used, or None if it decodes
+    fully."""
     try:
-        _open(Path(path))
+        _open(path)
     except ImageError as error:
         return str(error)
     return None

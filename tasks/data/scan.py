@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tasks.data.images import IMAGE_EXTENSIONS, check_image
+from tasks.data.images import IMAGE_EXTENSIONS, check_image, is_url
 from tasks.errors import UserError
 
 SPLIT_NAMES = {
@@ -95,17 +95,18 @@ class Manifest:
         index = {name: i for i, name in enumerate(self.class_names)}
         return [index[r.label] for r in self.records]
 
-    def paths(self, rows: Iterable[int] | None = None) -> list[Path]:
-        """Absolute paths of the records (all, or the given rows), refusing any record path
-        that would leave the dataset root: manifests are read back from stores and configs."""
+    def paths(self, rows: Iterable[int] | None = None) -> list[Path | str]:
+        """Absolute paths of the records (all, or the given rows; URLs for a dataset in object
+        storage), refusing any record path that would leave the dataset root: manifests are
+        read back from stores and configs."""
         root = Path(self.root)
         chosen = self.records if rows is None else [self.records[i] for i in rows]
-        paths = []
+        paths: list[Path | str] = []
         for record in chosen:
-            path = root / record.path
             if Path(record.path).is_absolute() or ".." in Path(record.path).parts:
-                raise DatasetError(f"manifest path {record.path!r} escapes {root}")
-            paths.append(path)
+                raise DatasetError(f"manifest path {record.path!r} escapes {self.root}")
+            remote = is_url(self.root)
+            paths.append(f"{self.root.rstrip('/')}/{record.path}" if remote else root / record.path)
         return paths
 
     def to_dict(self) -> dict:
@@ -266,6 +267,20 @@ def _top_folders(folder: Folder, root: Path, skipped: list[Skipped]) -> tuple[li
     return folders, sum(path.suffix.lower() in IMAGE_EXTENSIONS for path in files)
 
 
+def uses_splits(top_folders: list[str], warnings: list[str]) -> bool:
+    """Whether the top-level folders are train/valid/test sub-trees (all of them must be);
+    split folders beside other folders are classes, with a warning saying so."""
+    splits = [name for name in top_folders if name.lower() in SPLIT_NAMES]
+    if splits and len(splits) < len(top_folders):
+        others = [name for name in top_folders if name.lower() not in SPLIT_NAMES]
+        warnings.append(
+            f"split folders ({', '.join(splits)}) sit beside other folders "
+            f"({', '.join(others)}): every top-level folder is treated as a class; move all "
+            "classes inside train/, valid/ and test/ to use the splits"
+        )
+    return bool(splits) and len(splits) == len(top_folders)
+
+
 def _class_folders(
     root: Path, skipped: list[Skipped], warnings: list[str]
 ) -> tuple[list[tuple[str, Folder]], int]:
@@ -276,19 +291,9 @@ def _class_folders(
     """
     info = root.stat()
     subdirs, stray = _top_folders((root, frozenset({(info.st_dev, info.st_ino)})), root, skipped)
-    splits = [
-        (SPLIT_NAMES[d[0].name.lower()], d) for d in subdirs if d[0].name.lower() in SPLIT_NAMES
-    ]
-    if not splits or len(splits) < len(subdirs):
-        if splits:
-            names = ", ".join(d[0].name for _, d in splits)
-            others = ", ".join(d[0].name for d in subdirs if d[0].name.lower() not in SPLIT_NAMES)
-            warnings.append(
-                f"split folders ({names}) sit beside other folders ({others}): every top-level "
-                "folder is treated as a class; move all classes inside train/, valid/ and "
-                "test/ to use the splits"
-            )
+    if not uses_splits([d[0].name for d in subdirs], warnings):
         return [("all", d) for d in subdirs], stray
+    splits = [(SPLIT_NAMES[d[0].name.lower()], d) for d in subdirs]
     pairs: list[tuple[str, Folder]] = []
     for split, split_dir in splits:
         class_dirs, split_stray = _top_folders(split_dir, root, skipped)
@@ -435,6 +440,10 @@ def scan(
     With limit_per_class, images are taken in sha256 order: a stable pseudo-random sample that
     does not depend on file names (blood-cell names cluster by source photo).
     """
+    if is_url(root):  # s3://bucket/prefix or any fsspec URL: same layout, read remotely
+        from tasks.data.remote import scan_url
+
+        return scan_url(str(root), limit_per_class, progress)
     root = Path(root).expanduser().resolve()
     _check_root(root)
     skipped: list[Skipped] = []

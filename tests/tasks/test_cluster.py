@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -20,6 +16,7 @@ from tasks.features import on_cluster
 from tasks.features.extract import ExtractSettings, extract
 from tasks.features.store import FeatureStore
 from tests.conftest import write_image
+from tests.s3 import s3_endpoint  # noqa: F401 (a fixture)
 
 SETTINGS = ExtractSettings(
     backbone="vgg16",
@@ -67,49 +64,8 @@ def test_two_workers_produce_the_same_store_as_one(images: Path, tmp_path: Path)
         )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture
-def s3_endpoint(monkeypatch: pytest.MonkeyPatch):
-    """A real S3 API on loopback (moto's server mode), with a bucket, for this test only."""
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": endpoint,
-    }.items():
-        monkeypatch.setenv(name, value)
-    deadline = time.time() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if time.time() > deadline:
-                server.kill()
-                pytest.fail("moto server did not start")
-            time.sleep(0.2)
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()
-    s3fs.S3FileSystem().mkdir("features")
-    yield endpoint
-    server.kill()
-    server.wait()
-
-
-def test_store_on_s3_matches_local(images: Path, tmp_path: Path, s3_endpoint: str) -> None:
+@pytest.mark.usefixtures("s3_endpoint")
+def test_store_on_s3_matches_local(images: Path, tmp_path: Path) -> None:
     manifest = scan(images)
     local = FeatureStore(str(tmp_path / "local"))
     keys = extract(manifest, local, SETTINGS).feature_keys
@@ -123,4 +79,4 @@ def test_store_on_s3_matches_local(images: Path, tmp_path: Path, s3_endpoint: st
         assert array.verify() == []
         np.testing.assert_array_equal(array.data[...], local.feature_array(key).data[...])
     assert remote.load_manifest(manifest.key).key == manifest.key
-    assert os.environ["AWS_ENDPOINT_URL"] == s3_endpoint
+    assert os.environ["AWS_ENDPOINT_URL"].startswith("http://127.0.0.1:")
