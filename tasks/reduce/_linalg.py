@@ -34,12 +34,14 @@ def cut(ratio: np.ndarray, target: float) -> int:
     return int(np.searchsorted(np.cumsum(ratio), target, side="right")) + 1
 
 
-def top_eigh(h: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
-    """Largest `keep` eigenpairs of a symmetric PSD matrix, descending, eigenvalues >= 0."""
+def top_eigh(h: np.ndarray, keep: int, lower: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Largest `keep` eigenpairs of a symmetric PSD matrix, descending, eigenvalues >= 0.
+
+    Only the `lower` (else upper) triangle of h is read."""
     m = h.shape[0]
     if keep == 0:
         return np.zeros(0), np.zeros((m, 0))
-    w, v = linalg.eigh(h, subset_by_index=[m - keep, m - 1], overwrite_a=True)
+    w, v = linalg.eigh(h, lower=lower, subset_by_index=[m - keep, m - 1], overwrite_a=True)
     return np.clip(w[::-1], 0.0, None), v[:, ::-1]
 
 

@@ -13,8 +13,8 @@ matrix. Both follow scikit-learn's semantics (MinMaxScaler, then PCA with
 * `ScaledIncrementalPCA` (tasks/reduce/incremental.py): batches of rows, memory independent
   of n, and `partial_fit` to update a fit with new rows.
 
-The algorithms live in private modules (_gram, _randomized; _stats for the scaling, _stream
-for the passes); this module only holds parameters and learned state.
+The algorithms live in private modules (_gram, _covariance, _randomized; _stats for the
+scaling, _stream for the passes); this module only holds parameters and learned state.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import dask.array as da
 
 from tasks.reduce._base import ScaledPCABase
+from tasks.reduce._covariance import fit_covariance
 from tasks.reduce._gram import fit_gram
 from tasks.reduce._randomized import fit_randomized
 from tasks.reduce._stats import column_stats, lazy_rows
@@ -45,17 +46,21 @@ class ScaledPCA(ScaledPCABase):
     n_components : int, optional
         Keep exactly this many components instead (at most min(n - 1, d)).
     method : {"gram", "randomized"}
-        "gram" (exact, the default): the whole spectrum, so the variance cut is exact.
-        Memory, n rows and d columns, float32 k x d components always included:
-        * gram: n x n float64 Gram matrix (about 3x that during ``eigh``) + one panel of
-          `batch_size` rows x d float32; (panels + 1) / 2 reads of the data plus a stats pass
-          and a components pass.
+        "gram" (exact, the default): the whole spectrum, so the variance cut is exact. It
+        solves the smaller side (`solver_`): the (n, n) Gram matrix when n < d, the (d, d)
+        covariance when d <= n. Memory, n rows and d columns, float32 k x d components always
+        included:
+        * gram, n < d: n x n float64 Gram matrix (about 3x that during ``eigh``) + one panel
+          of `batch_size` rows x d float32; (panels + 1) / 2 reads of the data plus a stats
+          pass and a components pass.
+        * gram, d <= n: d x d float64 covariance (about 3x that during ``eigh``) + one
+          streaming step; a stats pass and one product pass.
         * randomized: about 3 x sketch width x d float32 (sketch >= 1.5 x the components);
           POWER_ITERATIONS + 1 passes per sketch, repeated with a doubled sketch when the
           cut does not fit.
     batch_size : int, optional
         gram: rows per panel (default: what fits in PANEL_BYTES, at least one input chunk).
-        Ignored by randomized.
+        Ignored by randomized and by the covariance side.
     random_state : int
         Seed of the randomized sketch.
 
@@ -70,6 +75,7 @@ class ScaledPCA(ScaledPCABase):
         whole spectrum), for the explained-variance plot.
     total_variance_ : float -- exact total variance of the scaled rows (ddof=1).
     n_components_, n_samples_seen_, method_.
+    solver_ : "gram", "covariance" or "randomized" -- what this fit computed.
     """
 
     fitted_methods = METHODS
@@ -97,8 +103,14 @@ class ScaledPCA(ScaledPCABase):
         Xc = lazy_rows(X, self._affine())
         with product_threads():
             if self.method == "gram":
-                fit = fit_gram(Xc, self.batch_size, self._needed)
+                self.solver_ = "covariance" if X.shape[1] <= X.shape[0] else "gram"
+                fit = (
+                    fit_covariance(Xc, self._needed)
+                    if self.solver_ == "covariance"
+                    else fit_gram(Xc, self.batch_size, self._needed)
+                )
             else:
+                self.solver_ = "randomized"
                 fit = fit_randomized(Xc, self.n_components, self.random_state, self._needed)
         self._finish(fit)
         self.method_ = self.method

@@ -108,7 +108,7 @@ def test_gram_matches_sklearn(gram: ScaledPCA, data: Data) -> None:
     """Exact method, several panels (batch_size 100 < 600 rows): equal to sklearn."""
     ref, k = data.pca, data.pca.n_components_
     assert data.X[data.train].numblocks[0] > 6 and 10 < k < 100
-    assert gram.n_components_ == k
+    assert gram.solver_ == "gram" and gram.n_components_ == k
     np.testing.assert_array_equal(gram.data_min_, data.scaler.data_min_)
     np.testing.assert_array_equal(gram.data_max_, data.scaler.data_max_)
     np.testing.assert_allclose(gram.mean_, ref.mean_, atol=1e-6)
@@ -124,6 +124,30 @@ def test_gram_matches_sklearn(gram: ScaledPCA, data: Data) -> None:
     expected = data.ref_transform(data.test)
     np.testing.assert_allclose(got.compute(), expected, atol=1e-3 * np.abs(expected).max())
     assert abs(_svc_accuracy(gram, data) - data.accuracy) <= 0.005
+
+
+def test_covariance_side_matches_sklearn(data: Data, tmp_path: Path) -> None:
+    """Narrow rows (d = 200 <= n = 600): the exact method solves the (d, d) covariance and
+    agrees with sklearn as closely as the Gram side does on wide rows."""
+    narrow = np.ascontiguousarray(data.raw[data.train][:, :200])
+    X = _zarr(tmp_path / "narrow.zarr", narrow)
+    est = ScaledPCA().fit(X)
+    scaler = MinMaxScaler().fit(narrow)
+    scaled = scaler.transform(narrow)
+    ref = PCA(n_components=0.8, svd_solver="full").fit(scaled)
+    assert est.solver_ == "covariance" and est.n_components_ == ref.n_components_ > 10
+    np.testing.assert_allclose(est.mean_, ref.mean_, atol=1e-6)
+    np.testing.assert_allclose(
+        est.explained_variance_ratio_, ref.explained_variance_ratio_, atol=1e-5
+    )
+    np.testing.assert_allclose(est.explained_variance_, ref.explained_variance_, rtol=1e-4)
+    assert est.cumulative_variance_ratio_[-1] == pytest.approx(1.0, abs=1e-6)
+    assert _max_angle(est.components_, ref.components_) < 1e-3
+    expected = ref.transform(scaled)
+    np.testing.assert_allclose(est.project(X), expected, atol=1e-3 * np.abs(expected).max())
+    for target in (0.3, 0.55, 0.9):  # the cut rule on the covariance spectrum
+        expected_k = PCA(target, svd_solver="full").fit(scaled).n_components_
+        assert ScaledPCA(variance=target).fit(X).n_components_ == expected_k
 
 
 def test_gram_panel_plan(data: Data) -> None:
