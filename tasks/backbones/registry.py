@@ -71,6 +71,18 @@ BACKBONES: dict[str, BackboneSpec] = {
         _keras_app("xception", "Xception", "xception", 299, 71, "block14_sepconv2_act"),
         _keras_app("mobilenetv2", "MobileNetV2", "mobilenet_v2", 224, 32, "out_relu"),
         _keras_app("efficientnetb0", "EfficientNetB0", "efficientnet", 224, 32, "top_activation"),
+        # the two below normalise inside the model: their preprocess_input passes 0-255 through
+        _keras_app(
+            "efficientnetv2b0", "EfficientNetV2B0", "efficientnet_v2", 224, 32, "top_activation"
+        ),
+        _keras_app(
+            "convnext-tiny",
+            "ConvNeXtTiny",
+            "convnext",
+            224,
+            32,
+            "convnext_tiny_stage_3_block_2_identity",  # the last block, before the final norm
+        ),
         BackboneSpec(
             "efficientnet-lite0",
             "tasks.backbones.efficientnet_lite.build_efficientnet_lite0",
