@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -24,6 +25,22 @@ def write_image(path: Path, seed: int, size: int = 24, tint: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path)
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_prefect_temporary_server():
+    """Send Prefect's queued logs and events, then stop its temporary local server, while
+    pytest still captures output: left to atexit hooks, the server's last log line goes into a
+    closed stream after the summary ('--- Logging error ---')."""
+    yield
+    if "prefect.server.api.server" in sys.modules:
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+        from prefect.server.api.server import SubprocessASGIServer
+
+        APILogWorker.drain_all(timeout=30)
+        EventsWorker.drain_all(timeout=30)
+        SubprocessASGIServer().stop()
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ One `prefect server start` serves the whole module; every client is a subprocess
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pytest
 
 from flows.serve import CLASSIFY_DEPLOYMENT, PIPELINE_DEPLOYMENT, build_deployments
 from flows.settings import PipelineSettings, SettingsError
+from tasks.runs.folder import read_report
 from tests.conftest import write_image
 from tests.prefect_server import (
     PREFECT,
@@ -156,12 +158,22 @@ def test_pipeline_run_recorded_with_tasks_and_artifacts(
     by_description = {artifact["description"]: artifact for artifact in artifacts}
     assert by_description["metrics block2_pool"]["type"] == "table"
     assert "logreg" in json.dumps(by_description["metrics block2_pool"]["data"])
-    assert by_description["report block2_pool"]["type"] == "markdown"
-    # Prefect 3.8 stores a link artifact as Markdown: [text](url).
-    links = [a["data"] for a in artifacts if str(a["data"]).startswith("[run folder ")]
-    assert len(links) == 1 and f"]({tiny['runs'].resolve().as_uri()}/" in links[0]
+    report = by_description["report block2_pool"]
+    assert report["type"] == "markdown"
+    run_dir = Path(pipeline_run["run_dir"]).resolve()
+    assert f"# Run {run_dir.name}" in report["data"]
+    assert "| class | precision | recall | F1 | support |" in report["data"]
+    assert "| true \\ predicted | cats | dogs |" in report["data"]
+    assert report["data"].count("](data:image/png;base64,") == _pictures(run_dir)
+    assert f"`{run_dir}` on host" in report["data"] and "file://" not in report["data"]
     progress = [a for a in artifacts if a["type"] == "progress"]
     assert [a["data"] for a in progress] == [100.0]
+
+
+def _pictures(run_dir: Path) -> int:
+    """How many pictures a run's report shows: run-wide ones plus each classifier's."""
+    report = read_report(run_dir)
+    return len(report.images) + sum(len(entry.images) for entry in report.classifiers.values())
 
 
 def _render(url: str, expected: str, profile: Path, attempts: int = 4) -> str:
@@ -201,7 +213,7 @@ def _render(url: str, expected: str, profile: Path, attempts: int = 4) -> str:
 
 @pytest.mark.skipif(
     shutil.which("chromium") is None,
-    reason="chromium is not installed (CI installs it: apt-get install chromium)",
+    reason="the UI test needs Chromium: apt-get install -y chromium (.ci/run installs it)",
 )
 def test_ui_shows_the_flow_run(server: PrefectServer, pipeline_run: dict, tmp_path: Path) -> None:
     flow_run = server.request("GET", f"/flow_runs/{pipeline_run['flow_run_id']}")
@@ -213,6 +225,19 @@ def test_ui_shows_the_flow_run(server: PrefectServer, pipeline_run: dict, tmp_pa
     )
     assert flow_run["name"] in run_page
     assert "Completed" in run_page
+
+    artifacts = server.filter(
+        "artifacts", {"artifacts": {"flow_run_id": {"any_": [flow_run["id"]]}}}
+    )
+    report = next(a for a in artifacts if a["description"] == "report block2_pool")
+    page = _render(f"{server.url}/artifacts/artifact/{report['id']}", "precision", tmp_path / "p")
+    run_dir = Path(pipeline_run["run_dir"]).resolve()
+    assert f"Run {run_dir.name}" in page
+    tables = re.findall(r"<table.*?</table>", page, flags=re.S)
+    headings = [re.findall(r"heading\">([^<]*)<", table) for table in tables]
+    assert ["class", "precision", "recall", "F1", "support"] in headings
+    assert ["true \\ predicted", "cats", "dogs"] in headings
+    assert len(re.findall(r'<img[^>]*src="data:image/png;base64,', page)) == _pictures(run_dir)
 
 
 def test_deploy_all_and_worker_runs_classify(
