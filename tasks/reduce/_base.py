@@ -62,7 +62,7 @@ class ScaledPCABase(BaseEstimator):
         Xc = lazy_rows(X.rechunk({1: -1}), self._affine())
         out = np.empty((X.shape[0], self.n_components_), np.float32)
         with product_threads():
-            for a, b, block in stream(Xc, stream_steps(Xc)):
+            for a, b, block in stream(Xc, stream_steps(Xc), "projection"):
                 np.matmul(block, self.components_.T, out=out[a:b])
         return out
 

@@ -14,7 +14,7 @@ import dask.array as da
 import numpy as np
 
 from tasks.reduce._linalg import ChooseK, Fit, add_wt_x, flip_signs, top_eigh
-from tasks.reduce._stream import chunk_bounds, group, pairs, step_rows, stream
+from tasks.reduce._stream import chunk_bounds, group, pairs, step_rows, stream, timed
 
 PANEL_BYTES = 1 << 30  # default panel: fewer, bigger panels mean fewer passes over the data
 
@@ -38,15 +38,17 @@ def fit_gram(Xc: da.Array, batch_size: int | None, choose_k: ChooseK) -> Fit:
     for pa, pb in panels:
         del panel
         panel = np.empty((pb - pa, d), np.float32)
-        for a, b, block in stream(Xc, [s for s in steps if pa <= s[0] < pb]):
+        for a, b, block in stream(Xc, [s for s in steps if pa <= s[0] < pb], "panel read"):
             panel[a - pa : b - pa] = block
-        gram[pa:pb, pa:pb] = panel @ panel.T
-        for a, b, block in stream(Xc, [s for s in steps if s[0] >= pb]):
+        with timed("panel product"):
+            gram[pa:pb, pa:pb] = panel @ panel.T
+        for a, b, block in stream(Xc, [s for s in steps if s[0] >= pb], "cross products"):
             cross = panel @ block.T
             gram[pa:pb, a:b] = cross
             gram[a:b, pa:pb] = cross.T
     total_variance = float(np.trace(gram) / (n - 1))
-    eigvals, eigvecs = top_eigh(gram, min(n, d))
+    with timed("eigh"):
+        eigvals, eigvecs = top_eigh(gram, min(n, d))
     del gram
     explained = eigvals / (n - 1)
     k = min(choose_k(explained, total_variance), n - 1, d)
@@ -56,9 +58,10 @@ def fit_gram(Xc: da.Array, batch_size: int | None, choose_k: ChooseK) -> Fit:
     inverse[nonzero] = 1 / np.sqrt(eigvals[:k][nonzero])
     weights = (eigvecs[:, :k] * inverse).astype(np.float32)
     components = np.zeros((k, d), np.float32, order="F")
-    add_wt_x(components, weights[pa:pb], panel)  # the last panel is still in memory
+    with timed("components from the last panel"):
+        add_wt_x(components, weights[pa:pb], panel)  # the last panel is still in memory
     del panel
-    for a, b, block in stream(Xc, [s for s in steps if s[0] < pa]):
+    for a, b, block in stream(Xc, [s for s in steps if s[0] < pa], "components"):
         add_wt_x(components, weights[a:b], block)
     flip_signs(components)
     return Fit(explained, total_variance, components)

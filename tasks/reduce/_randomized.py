@@ -40,13 +40,13 @@ def fit_randomized(
     while True:
         for _ in range(POWER_ITERATIONS):
             acc = np.zeros((width, d), np.float32, order="F")
-            for _a, _b, block in stream(Xc, steps):
+            for _a, _b, block in stream(Xc, steps, "power iteration"):
                 add_wt_x(acc, block @ basis.T, block)
             del basis
             _, basis = linalg.rq(acc, mode="economic", overwrite_a=True)  # orthonormal rows
             del acc
         sketch, sum_squares = np.empty((n, width)), 0.0
-        for a, b, block in stream(Xc, steps):
+        for a, b, block in stream(Xc, steps, "sketch"):
             sketch[a:b] = block @ basis.T
             sum_squares += float(np.square(block).sum(dtype=np.float64))
         total_variance = sum_squares / (n - 1)

@@ -9,6 +9,8 @@ import dask.array as da
 import numpy as np
 from dask.delayed import delayed
 
+from tasks.reduce._stream import timed
+
 _CONSTANT_RANGE = 10 * np.finfo(np.float32).eps  # sklearn's _handle_zeros_in_scale on float32
 
 
@@ -51,7 +53,8 @@ def column_stats(X: da.Array, with_m2: bool) -> ColumnStats:
     parts = [X.min(axis=0), X.max(axis=0), X.mean(axis=0, dtype=np.float64)]
     if with_m2:
         parts.append(X.var(axis=0, dtype=np.float64))
-    data_min, data_max, mean, *var = dask.compute(*parts)
+    with timed("column statistics"):
+        data_min, data_max, mean, *var = dask.compute(*parts)
     m2 = var[0] * X.shape[0] if with_m2 else None
     return ColumnStats(
         X.shape[0], data_min.astype(np.float64), data_max.astype(np.float64), mean, m2

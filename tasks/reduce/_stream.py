@@ -57,25 +57,47 @@ def _fetch(Xc: da.Array, a: int, b: int) -> np.ndarray:
     return np.asarray(Xc[a:b].compute(), dtype=np.float32)
 
 
-def stream(Xc: da.Array, steps: list[tuple[int, int]]) -> Iterator[tuple[int, int, np.ndarray]]:
+def log_phase(phase: str, seconds: float, waited: float = 0.0, rows: int = 0) -> None:
+    """One DEBUG line per pass or dense step, with the figures as record attributes
+    (`pca_phase`, `pca_seconds`, `pca_waited`, `pca_rows`) for benchmarks/reduce_profile.py."""
+    figures = {"pca_phase": phase, "pca_seconds": seconds, "pca_waited": waited, "pca_rows": rows}
+    logger.debug("PCA %s: %.2f s (%.2f s on reads)", phase, seconds, waited, extra=figures)
+
+
+@contextmanager
+def timed(phase: str) -> Iterator[None]:
+    """Time a step that is not a streaming pass (statistics, eigh, a product)."""
+    began = time.perf_counter()
+    yield
+    log_phase(phase, time.perf_counter() - began)
+
+
+def stream(
+    Xc: da.Array, steps: list[tuple[int, int]], phase: str = "pass"
+) -> Iterator[tuple[int, int, np.ndarray]]:
     """Yield (start, stop, block) for each row range, computed by the active scheduler.
 
     The next block is read while the caller multiplies this one: I/O overlaps the products
-    at the cost of one more block in memory.
+    at the cost of one more block in memory. The time spent waiting for blocks (reading,
+    decompressing and scaling not hidden behind the products) is logged with the pass.
     """
     if not steps:
         return
-    last_report = time.monotonic()
+    began = last_report = time.monotonic()
+    waited = 0.0
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(_fetch, Xc, *steps[0])
         for i, (a, b) in enumerate(steps):
+            wait_began = time.monotonic()
             block = pending.result()
+            waited += time.monotonic() - wait_began
             if i + 1 < len(steps):
                 pending = pool.submit(_fetch, Xc, *steps[i + 1])
             if time.monotonic() - last_report > PROGRESS_SECONDS:  # long passes show progress
                 last_report = time.monotonic()
                 logger.info("PCA pass: rows %d-%d of %d-%d read", a, b, steps[0][0], steps[-1][1])
             yield a, b, block
+    log_phase(phase, time.monotonic() - began, waited, steps[-1][1] - steps[0][0])
 
 
 class _SharedBlasLimit:

@@ -170,7 +170,7 @@ def _update_in_batches(
     """Stream scaled rows into the buffer after its k retained rows, one update per `batch`
     rows (chunks are copied straight in); return the rows of s_i v_i now in buffer[:k]."""
     filled = 0
-    for _a, _b, block in stream(Xs, stream_steps(Xs)):
+    for _a, _b, block in stream(Xs, stream_steps(Xs), "incremental batches"):
         start = 0
         while start < len(block):
             take = min(batch - filled, len(block) - start)
