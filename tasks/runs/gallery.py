@@ -34,6 +34,11 @@ def mistakes_by_confidence(
     return wrong[np.argsort(-confidence, kind="stable")]
 
 
+def _short(name: str, limit: int = 12) -> str:
+    """Class names cut to fit under a thumbnail (the CSV keeps them whole)."""
+    return name if len(name) <= limit else name[: limit - 1] + "…"
+
+
 def _thumbnail(path: Path) -> np.ndarray | None:
     try:
         return load_rgb(path, THUMBNAIL_PX).astype(np.uint8)
@@ -57,6 +62,7 @@ def write_gallery(
     if not len(chosen):
         return None
     captions = [
-        f"{class_names[y_true[i]]} -> {class_names[y_pred[i]]}\n{confidence[i]:.2f}" for i in chosen
+        f"{_short(class_names[y_true[i]])}\n-> {_short(class_names[y_pred[i]])} {confidence[i]:.2f}"
+        for i in chosen
     ]
     return gallery_png([_thumbnail(Path(image_paths[i])) for i in chosen], captions, path)

@@ -24,6 +24,7 @@ INLINE_BUDGET = 1_500_000
 RUN_PICTURES = {"class_map": "2-D map of the rows", "pca_variance": "PCA explained variance"}
 
 Picture = Callable[[str, str], str]  # (caption, file in the run) -> Markdown
+FileRef = Callable[[str], str]  # file in the run -> Markdown naming it
 
 
 def metrics_table(report: RunReport) -> list[dict]:
@@ -85,7 +86,7 @@ def run_summary_markdown(report: RunReport) -> str:
 
 
 def _classifier_markdown(
-    name: str, entry: ClassifierReport, class_names: list[str], picture: Picture
+    name: str, entry: ClassifierReport, class_names: list[str], picture: Picture, file_ref: FileRef
 ) -> str:
     per_class = entry.metrics["per_class"]
     class_rows = [
@@ -107,7 +108,7 @@ def _classifier_markdown(
             f"Fit {entry.fit_seconds:.2f} s, predict {entry.predict_seconds:.3f} s. "
             f"Model `{entry.model_file}` (sha256 `{entry.model_sha256}`). "
             f"{entry.n_misclassified} misclassified: "
-            f"[{entry.misclassified_file}]({entry.misclassified_file})"
+            f"{file_ref(entry.misclassified_file)}"
             + (
                 " (gallery: the most confident mistakes first)."
                 if "gallery" in entry.images
@@ -121,7 +122,7 @@ def _classifier_markdown(
     )
 
 
-def _markdown(report: RunReport, picture: Picture) -> str:
+def _markdown(report: RunReport, picture: Picture, file_ref: FileRef) -> str:
     sections = [run_summary_markdown(report)]
     sections += [
         picture(RUN_PICTURES.get(kind, kind), file) for kind, file in report.images.items()
@@ -133,7 +134,7 @@ def _markdown(report: RunReport, picture: Picture) -> str:
     if report.extras:
         sections.append("## Extras\n\n" + _md_bullets(report.extras))
     sections += [
-        _classifier_markdown(name, entry, report.class_names, picture)
+        _classifier_markdown(name, entry, report.class_names, picture, file_ref)
         for name, entry in report.classifiers.items()
     ]
     return "\n\n".join(sections) + "\n"
@@ -146,7 +147,7 @@ def linked_picture(caption: str, file: str) -> str:
 
 def report_markdown(report: RunReport) -> str:
     """The full report.md: summary and pictures, inputs, then one section per classifier."""
-    return _markdown(report, linked_picture)
+    return _markdown(report, linked_picture, lambda file: f"[{file}]({file})")
 
 
 def inline_pictures(run_dir: Path) -> Picture:
@@ -180,4 +181,6 @@ def folder_markdown(run_dir: Path) -> str:
 
 def artifact_markdown(report: RunReport, run_dir: Path) -> str:
     """report.md's content for the Prefect UI, pictures inline, plus the run folder's files."""
-    return _markdown(report, inline_pictures(Path(run_dir))) + "\n" + folder_markdown(run_dir)
+    # Files are named as text: a relative link would point into the Prefect UI, not the run.
+    text = _markdown(report, inline_pictures(Path(run_dir)), lambda file: f"`{file}`")
+    return text + "\n" + folder_markdown(run_dir)
