@@ -254,15 +254,25 @@ def build_feature_model(
     image_size: int,
     layers: list[str],
     pooling: str | None = None,
+    precision: str = "float32",
 ):
     """A multi-output model: one flattened (optionally globally pooled) output per layer.
 
     All layers come from ONE forward pass, so extracting block3+4+5 costs one pass of block5.
+    The backbone is built under `precision`'s Keras dtype policy (its layers keep it); the
+    pooling and flatten layers added here are float32, so every output is float32.
     """
     import keras
 
+    from tasks.backbones.precision import KERAS_POLICIES, resolve_precision
+
     check_input_size(spec, image_size)
-    base = build_base(spec, weights, image_size)
+    previous = keras.config.dtype_policy()  # per thread; restored so later models are float32
+    keras.config.set_dtype_policy(KERAS_POLICIES[resolve_precision(precision)])
+    try:
+        base = build_base(spec, weights, image_size)
+    finally:
+        keras.config.set_dtype_policy(previous)
     outputs = []
     for name in layers:
         try:

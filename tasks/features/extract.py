@@ -20,6 +20,8 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
+from tasks.backbones.precision import CHOICES as PRECISION_CHOICES
+from tasks.backbones.precision import resolve_precision
 from tasks.backbones.registry import (
     BackboneSpec,
     WeightsChoice,
@@ -46,6 +48,11 @@ class ExtractSettings(BackboneSettings):
     layers: tuple[str, ...] = Field((), description="Cut layers; empty = the backbone's default")
     pooling: Literal[POOLINGS] | None = Field(None, description="Global pooling of each cut")
     dtype: Literal[DTYPES] = Field("float32", description="Stored feature type")
+    precision: Literal[PRECISION_CHOICES] = Field(
+        "float32",
+        description="Backbone compute precision (mixed 16-bit keeps float32 weights); "
+        "auto: bfloat16 or float16 where the hardware runs it natively, else float32",
+    )
     decode_workers: int = Field(2, ge=1, description="Threads decoding images ahead")
     chunk_mb: float = Field(16.0, gt=0, description="Storage layout only: not in the feature key")
 
@@ -86,6 +93,7 @@ def same_settings(attrs: dict, other: dict) -> bool:
         "image_size",
         "pooling",
         "dtype",
+        "precision",
         "preprocess",
         "resize",
         "version",
@@ -115,13 +123,18 @@ def build_model(
 ):
     """The feature model of the settings, cut at `layers`: the one place that builds it, for
     the local run and for every Dask worker alike."""
-    return build_feature_model(spec, weights, image_size, list(layers), settings.pooling)
+    return build_feature_model(
+        spec, weights, image_size, list(layers), settings.pooling, settings.precision
+    )
 
 
 def plan_extraction(manifest: Manifest, settings: ExtractSettings) -> ExtractPlan:
     """Resolve names, sizes and weights and derive one content key per layer."""
     spec, weights, size = resolve_backbone(settings)
     layers = tuple(dict.fromkeys(settings.layers or (spec.default_layer,)))
+    precision = resolve_precision(settings.precision)
+    # in the key only when not float32, so keys made before the setting existed stay valid
+    mixed = {} if precision == "float32" else {"precision": precision}
     identities = {
         layer: {
             "manifest_key": manifest.key,
@@ -134,6 +147,7 @@ def plan_extraction(manifest: Manifest, settings: ExtractSettings) -> ExtractPla
             "preprocess": spec.preprocess,
             "resize": RESIZE_METHOD,
             "version": EXTRACT_VERSION,
+            **mixed,
         }
         for layer in layers
     }
@@ -174,6 +188,8 @@ def extract(
     the missing chunks are split between its workers, each owning whole chunks.
     """
     began = time.perf_counter()
+    # "auto" is decided here, once: workers build with the precision the keys name
+    settings = settings.model_copy(update={"precision": resolve_precision(settings.precision)})
     plan = plan_extraction(manifest, settings)
     store.save_manifest(manifest)
     keys = {layer: plan.key(layer) for layer in plan.layers}
