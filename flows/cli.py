@@ -46,6 +46,13 @@ Data = Annotated[
         help="Image folder: one sub-folder per class, optionally inside train/ valid/ test/."
     ),
 ]
+Labels = Annotated[
+    Path | None,
+    typer.Option(
+        help="CSV of path,label (optional split: train/test) naming the images of --data, "
+        "instead of class folders; paths are relative to --data."
+    ),
+]
 Store = Annotated[str | None, typer.Option(help="Feature store path (default featurepipe-store).")]
 Runs = Annotated[Path | None, typer.Option(help="Folder for run reports (default runs).")]
 Backbone = Annotated[
@@ -53,8 +60,8 @@ Backbone = Annotated[
     typer.Option(
         help="vgg16, vgg19, resnet50, densenet169, "
         "inceptionv3, xception, mobilenetv2, "
-        "efficientnetb0, efficientnet-lite0 "
-        "(default vgg16)."
+        "efficientnetb0, efficientnetv2b0, convnext-tiny, "
+        "efficientnet-lite0 (default vgg16)."
     ),
 ]
 Layers = Annotated[
@@ -136,6 +143,7 @@ REDUCE_OPTIONS = {
 CLASSIFY_OPTIONS = {"runs": Runs, "classifiers": Classifiers, **REDUCE_OPTIONS}
 PIPELINE_OPTIONS = {
     "data": Data,
+    "labels": Labels,
     "backbone": Backbone,
     "layers": Layers,
     "weights": Weights,
@@ -255,6 +263,18 @@ def _print_sweep(summary: dict) -> None:
     typer.echo(f"table: {summary['sweep_files']['md']}")
 
 
+def _check_labels(settings: Any) -> None:
+    """Read and check a labels CSV before Prefect starts: its mistakes answer in a second."""
+    if settings.labels is None:
+        return
+    from tasks.data.images import is_url
+    from tasks.data.labels import read_labels
+
+    if is_url(settings.data):
+        raise UserError("--labels needs a local --data folder, not a URL")
+    read_labels(settings.labels, settings.data)
+
+
 def _pipeline_command(flow_name: str) -> Callable:
     """Build the `run`/`extract` command: same flags, different flow."""
 
@@ -268,6 +288,7 @@ def _pipeline_command(flow_name: str) -> Callable:
                 raise UserError("--data is required (or `data:` in --config)")
             if not settings.data.is_dir():  # before starting Prefect: answer in a second
                 raise UserError(f"dataset folder not found: {settings.data}")
+            _check_labels(settings)
             from flows import pipeline
 
             if flow_name == "run":
@@ -350,19 +371,34 @@ def predict(
         Path,
         typer.Option(help="Folder of images (flat, or class sub-folders whose names are kept)."),
     ],
+    labels: Annotated[
+        Path | None,
+        typer.Option(help="CSV of path,label[,split]: predict the images it lists, labels kept."),
+    ] = None,
     out: Annotated[Path, typer.Option(help="CSV to write.")] = Path("predictions.csv"),
     classifier: Annotated[
         str | None, typer.Option(help="Classifier of the run (default: its best).")
     ] = None,
-    store: Store = None,
+    store: Annotated[
+        str | None, typer.Option(help="Feature store (default: the one the run was made with).")
+    ] = None,
     runs: Runs = None,
     json_out: JsonOut = False,
 ) -> None:
     def body() -> None:
-        from flows.pipeline import predict_flow
+        from tasks.runs.predict import plan_prediction
 
         run_dir = _run_dir(runs, run)
-        summary = predict_flow(run_dir, data, out, store or "featurepipe-store", classifier)
+        if not data.is_dir():
+            raise UserError(f"folder not found: {data}")
+        if labels is not None:
+            from tasks.data.labels import read_labels
+
+            read_labels(labels, data)
+        plan = plan_prediction(run_dir, store, classifier)  # before Prefect: fails in seconds
+        from flows.pipeline import predict_flow
+
+        summary = predict_flow(run_dir, data, out, plan.store, plan.classifier, labels)
         _print(
             summary,
             json_out,
@@ -385,6 +421,7 @@ Int = Annotated[int | None, typer.Option()]
 )
 def finetune(
     data: Data = None,
+    labels: Labels = None,
     runs: Runs = None,
     resume: Annotated[
         str | None, typer.Option(help="Run id of an interrupted fine-tuning to continue.")
@@ -438,6 +475,8 @@ def finetune(
 
         config_file = flags.pop("config")
         settings = load_settings(config_file, model=FinetuneFlowSettings, **flags)
+        if settings.data is not None:
+            _check_labels(settings)
         _print(
             finetune_flow(settings),
             json_out,

@@ -142,7 +142,7 @@ def finetune_flow(settings: FinetuneFlowSettings) -> dict:
     """Scan, split, fine-tune (or resume) and write the run; returns a short summary."""
     began = time.perf_counter()
     settings, run_dir = resolve_run(settings)
-    manifest = scan_task(settings.data, settings.limit_per_class)
+    manifest = scan_task(settings.data, settings.limit_per_class, settings.labels)
     train, test = split_rows(
         manifest, settings.split, settings.test_size, settings.seed, settings.group_regex
     )

@@ -22,6 +22,7 @@ from prefect.states import State
 from flows.progress import ExtractProgress
 from flows.settings import PipelineSettings
 from tasks.classify.stage import classify_run
+from tasks.data.labels import scan_labels
 from tasks.data.scan import Manifest, scan
 from tasks.data.splits import split_rows
 from tasks.errors import UserError, is_disk_full
@@ -66,8 +67,8 @@ def _classify_run_name() -> str:
 
 
 @task(name="scan", cache_policy=NO_CACHE, task_run_name="scan-{data.name}")
-def scan_task(data: Path, limit_per_class: int | None) -> Manifest:
-    manifest = scan(data, limit_per_class)
+def scan_task(data: Path, limit_per_class: int | None, labels: Path | None = None) -> Manifest:
+    manifest = scan_labels(data, labels, limit_per_class) if labels else scan(data, limit_per_class)
     logger = get_run_logger()
     logger.info(
         "scanned %s: %d images, %d classes, %d skipped",
@@ -268,7 +269,7 @@ def _summary(
 @flow(name="extract", flow_run_name=_run_name)
 def extract_flow(settings: PipelineSettings) -> dict:
     """Scan the image folder and fill the feature store (one backbone pass for all layers)."""
-    manifest = scan_task(settings.data, settings.limit_per_class)
+    manifest = scan_task(settings.data, settings.limit_per_class, settings.labels)
     extracted = extract_task(manifest, settings)
     return {
         **asdict(extracted),
@@ -307,7 +308,7 @@ def classify_flow(settings: PipelineSettings, feature_keys: list[str]) -> dict:
 @flow(name="pipeline", flow_run_name=_run_name)
 def pipeline_flow(settings: PipelineSettings) -> dict:
     """Scan -> extract (one backbone pass for all layers) -> per layer: reduce -> classify."""
-    manifest = scan_task(settings.data, settings.limit_per_class)
+    manifest = scan_task(settings.data, settings.limit_per_class, settings.labels)
     _require_classes(manifest)
     extracted = extract_task(manifest, settings)
     extras = {
@@ -352,6 +353,7 @@ def predict_flow(
     out: Path,
     store: str | None = None,
     classifier: str | None = None,
+    labels: Path | None = None,
 ) -> dict:
     """Predict new images with a finished run and write a CSV (file, class, scores). The
     store defaults to the run's own; the run is checked before any image is read."""
@@ -359,7 +361,7 @@ def predict_flow(
 
     plan = plan_prediction(run_dir, store, classifier)
     with ExtractProgress(f"predict {plan.report.setting('backbone')}") as progress:
-        rows, manifest, info = predict_folder(plan, data, progress)
+        rows, manifest, info = predict_folder(plan, data, progress, labels)
     write_predictions_csv(rows, out)
     get_run_logger().info("%d predictions written to %s", len(rows), out)
     return {

@@ -59,6 +59,10 @@ class DataSettings(BaseModel):
     group_regex: str | None = Field(
         None, description="File-name regex giving a grouped split's group"
     )
+    labels: Path | None = Field(
+        None,
+        description="CSV of path,label[,split] (paths relative to data) instead of class folders",
+    )
 
 
 class ClassifierSettings(BaseModel):

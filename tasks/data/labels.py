@@ -64,7 +64,8 @@ def _column(header: list[str], names: tuple[str, ...]) -> int | None:
 def _rows_where(rows: list[tuple[int, str]], what: str, csv_path: Path) -> LabelsError:
     """One error line for every row with the same problem, naming the first few lines."""
     lines = _examples([f"line {line} ({value!r})" for line, value in rows])
-    return LabelsError(f"labels file {csv_path}: {len(rows)} rows {what}: {lines}")
+    count = f"{len(rows)} row" if len(rows) == 1 else f"{len(rows)} rows"
+    return LabelsError(f"labels file {csv_path}: {what} on {count}: {lines}")
 
 
 def _relative(cell: str) -> str | None:
@@ -125,11 +126,11 @@ def read_labels(csv_path: Path, root: Path) -> list[LabelRow]:
             split_name = SPLIT_NAMES[split.lower()] if split_at is not None else "all"
             rows.append(LabelRow(line, path, label, split_name))
     if outside:
-        raise _rows_where(outside, f"have an empty path or one outside {root}", csv_path)
+        raise _rows_where(outside, f"empty path or a path outside {root}", csv_path)
     if no_label:
-        raise _rows_where(no_label, "have an empty label", csv_path)
+        raise _rows_where(no_label, "empty label", csv_path)
     if bad_split:
-        raise _rows_where(bad_split, "have a split other than train, valid or test", csv_path)
+        raise _rows_where(bad_split, "split other than train, valid or test", csv_path)
     seen: dict[str, int] = {}
     repeated = []
     for row in rows:
@@ -137,10 +138,10 @@ def read_labels(csv_path: Path, root: Path) -> list[LabelRow]:
             repeated.append((row.line, f"{row.path}, first on line {seen[row.path]}"))
         seen.setdefault(row.path, row.line)
     if repeated:
-        raise _rows_where(repeated, "list a file a second time", csv_path)
+        raise _rows_where(repeated, "file listed a second time", csv_path)
     missing = [(row.line, row.path) for row in rows if not os.path.lexists(root / row.path)]
     if missing:
-        raise _rows_where(missing, f"name files that are not in {root}", csv_path)
+        raise _rows_where(missing, f"file not found in {root}", csv_path)
     if not rows:
         raise LabelsError(f"labels file {csv_path} lists no files")
     return rows

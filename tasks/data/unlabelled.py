@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tasks.data.images import IMAGE_EXTENSIONS, check_image
+from tasks.data.labels import scan_labels
 from tasks.data.scan import DatasetError, ImageRecord, Manifest, Skipped, file_sha256, scan
 
 UNLABELLED = "?"
@@ -33,8 +34,11 @@ def scan_unlabelled(folder: Path) -> Manifest:
     return Manifest(str(folder.resolve()), records, [UNLABELLED], skipped)
 
 
-def scan_for_prediction(folder: str | Path) -> Manifest:
-    """Class sub-folders are used when present (their names are kept as true labels)."""
+def scan_for_prediction(folder: str | Path, labels: Path | None = None) -> Manifest:
+    """True labels, kept beside the predictions, come from a labels CSV when given, else from
+    class sub-folders when present; a flat folder's images are unlabelled."""
+    if labels is not None:
+        return scan_labels(folder, labels)
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise DatasetError(f"folder not found: {folder}")

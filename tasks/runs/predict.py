@@ -124,13 +124,16 @@ def extract_settings_of(report: RunReport) -> ExtractSettings:
 
 
 def predict_folder(
-    plan: PredictPlan, folder: Path, progress: ProgressCallback | None = None
+    plan: PredictPlan,
+    folder: Path,
+    progress: ProgressCallback | None = None,
+    labels: Path | None = None,
 ) -> tuple[list[dict], Manifest, dict]:
-    """Predict every image of `folder` with a checked run (see plan_prediction)."""
+    """Predict every image of `folder` (or those a labels CSV lists) with a checked run."""
     from tasks.classify.models import predict_scores
 
     report = plan.report
-    manifest = scan_for_prediction(folder)
+    manifest = scan_for_prediction(folder, labels)
     class_names = report.class_names
     if plan.classifier == FINETUNED:  # an end-to-end network: images in, probabilities out
         from tasks.finetune.training import predict_finetuned

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import write_image
+
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PREFECT_LOGGING_LEVEL": "WARNING"}
 
 
@@ -190,6 +192,97 @@ def test_predict_writes_a_csv_and_caches_features(
     assert again["images_computed"] == 0 and again["images_cached"] == 4
 
 
+def test_predict_finds_the_runs_store_and_a_wrong_store_fails_at_once(
+    first_and_second_run, digits_tree: Path, tmp_path: Path
+) -> None:
+    """The user's case: no --store, run from another folder, stderr not a terminal."""
+    import shutil
+
+    work, (first, _) = first_and_second_run
+    new_images, elsewhere = tmp_path / "new", tmp_path / "elsewhere"
+    new_images.mkdir()
+    elsewhere.mkdir()
+    for source in sorted((digits_tree / "4").iterdir())[:2]:  # images the run already has
+        shutil.copy(source, new_images / f"known_{source.name}")
+    write_image(new_images / "unseen.png", seed=7, size=32)
+    args = ("predict", "--run", first["run_id"], "--runs", str(work / "runs"))
+    args += ("--data", str(new_images), "--out", str(tmp_path / "p.csv"), "--json")
+    predicted = featurepipe(*args, cwd=elsewhere)
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    summary = json.loads(predicted.stdout)
+    assert summary["store"] == str(work / "store") and summary["predictions"] == 3
+    assert (summary["images_computed"], summary["images_cached"]) == (1, 2)
+    assert "predict vgg16: 1/1 images" in predicted.stderr  # the progress line
+    assert not (elsewhere / "featurepipe-store").exists()
+
+    typo = tmp_path / "stor"
+    wrong = featurepipe(*args, "--store", str(typo), cwd=elsewhere)
+    assert wrong.returncode == 2
+    assert wrong.stderr.strip().splitlines() == [
+        f"error: no feature store at {typo} (the run was made with the store {work / 'store'})"
+    ]
+    assert not typo.exists()
+
+
+def test_labels_csv_runs_end_to_end_and_predicts(tmp_path: Path) -> None:
+    """A flat folder plus a CSV: the class-folder manifest key, cached features for predict,
+    true labels kept, and a table mistake answered in one line before any work."""
+    import csv
+
+    from tasks.data.scan import scan
+
+    flat, tree = tmp_path / "flat", tmp_path / "tree"
+    lines = ["path,label"]
+    for label, tint in (("blue", 0), ("red", 120)):
+        for i in range(10):
+            name = f"{label[0]}{i:02d}.png"
+            write_image(flat / name, seed=tint + i, size=32, tint=tint)
+            write_image(tree / label / name, seed=tint + i, size=32, tint=tint)
+            lines.append(f"{name},{label}")
+    write_image(flat / "unlabelled.png", seed=999, size=32)
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    common = ("--store", str(tmp_path / "store"), "--runs", str(tmp_path / "runs"), "--json")
+    run = featurepipe(
+        "run",
+        "--data",
+        str(flat),
+        "--labels",
+        str(tmp_path / "labels.csv"),
+        *("--weights", "none", "--image-size", "32", "--layers", "block2_pool"),
+        *("--pooling", "avg", "--classifiers", "logreg", *common),
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads(run.stdout)
+    assert summary["images_total"] == 20 and summary["class_names"] == ["blue", "red"]
+    assert summary["manifest_key"] == scan(tree).key
+    assert any(w.startswith("1 image files in ") for w in summary["warnings"])
+
+    out = tmp_path / "p.csv"
+    predict = featurepipe(
+        "predict",
+        *("--run", summary["run_id"], "--data", str(flat), "--out", str(out)),
+        *("--labels", str(tmp_path / "labels.csv"), *common[2:]),
+        cwd=tmp_path,
+    )
+    assert predict.returncode == 0, predict.stderr[-3000:]
+    predicted = json.loads(predict.stdout)
+    assert (predicted["images_computed"], predicted["images_cached"]) == (0, 20)
+    rows = list(csv.DictReader(out.open()))
+    assert {(r["file"], r["true_class"]) for r in rows} == {
+        tuple(line.split(",")) for line in lines[1:]
+    }
+
+    (tmp_path / "bad.csv").write_text("path,label\nb00.png,blue\nb01.png,\n")
+    bad = featurepipe(
+        "run", "--data", str(flat), "--labels", str(tmp_path / "bad.csv"), cwd=tmp_path
+    )
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [
+        f"error: labels file {tmp_path / 'bad.csv'}: empty label on 1 row: line 3 ('b01.png')"
+    ]
+
+
 NO_TENSORFLOW = """
 import json, sys
 from flows.pipeline import classify_flow
@@ -252,6 +345,14 @@ def test_sweep_compares_layers_in_one_table(first_and_second_run, digits_tree: P
         assert Path(path).is_file()
     table = Path(summary["sweep_files"]["md"]).read_text()
     assert "block2_pool" in table and "block3_pool" in table
+
+
+def test_store_commands_on_a_missing_store_say_so_and_create_nothing(tmp_path: Path) -> None:
+    for command in (("ls",), ("verify", "--repair")):
+        run = featurepipe("store", *command, "--store", "does-not-exist", cwd=tmp_path)
+        assert run.returncode == 2
+        assert run.stderr.splitlines() == ["error: no feature store at does-not-exist"]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_store_maintenance_commands(first_and_second_run) -> None:

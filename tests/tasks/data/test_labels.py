@@ -96,21 +96,21 @@ def test_unusable_listed_files_are_skipped_with_the_scans_reasons(
         ("name,kind\na.png,x\n", "needs a column path .* its header is: name, kind"),
         ("", "is empty: expected a header"),
         ("path,label\n", "lists no files"),
-        ("path,label\ncats/img_00.png,\n", r"1 rows have an empty label: line 2 \('cats/"),
+        ("path,label\ncats/img_00.png,\n", r"empty label on 1 row: line 2 \('cats/"),
         (
             "path,label,split\ncats/img_00.png,cats,train\ncats/img_01.png,cats,dev\n",
-            r"1 rows have a split other than train, valid or test: line 3 \('dev'\)",
+            r"split other than train, valid or test on 1 row: line 3 \('dev'\)",
         ),
         (
             "path,label\ncats/img_00.png,cats\ncats/img_01.png,cats\ncats/img_00.png,dogs\n",
-            r"1 rows list a file a second time: line 4 \('cats/img_00.png, first on line 2'\)",
+            r"file listed a second time on 1 row: line 4 \('cats/img_00.png, first on line 2'\)",
         ),
         (
             "path,label\ncats/img_00.png,cats\ncats/nope.png,cats\ndogs/gone.png,dogs\n",
-            r"2 rows name files that are not in .*: line 3 \('cats/nope.png'\), line 4",
+            r"file not found in .* on 2 rows: line 3 \('cats/nope.png'\), line 4",
         ),
-        ("path,label\n../secret.png,cats\n", r"1 rows have an empty path or one outside"),
-        ("path,label\n/etc/passwd,cats\n", r"1 rows have an empty path or one outside"),
+        ("path,label\n../secret.png,cats\n", r"empty path or a path outside .* on 1 row: line 2"),
+        ("path,label\n/etc/passwd,cats\n", r"empty path or a path outside .* on 1 row: line 2"),
     ],
 )
 def test_table_mistakes_are_one_line_each(
