@@ -19,7 +19,6 @@ from tasks.data.unlabelled import scan_for_prediction
 from tasks.errors import UserError
 from tasks.features.extract import ExtractSettings, ProgressCallback, extract
 from tasks.features.store import FeatureStore
-from tasks.reduce.stage import load_pca
 from tasks.runs.folder import load_model, read_report
 from tasks.runs.redact import MASK
 from tasks.runs.schema import RunReport
@@ -131,6 +130,7 @@ def predict_folder(
 ) -> tuple[list[dict], Manifest, dict]:
     """Predict every image of `folder` (or those a labels CSV lists) with a checked run."""
     from tasks.classify.models import predict_scores
+    from tasks.reduce.stage import load_pca  # imports scikit-learn: not needed for the checks
 
     report = plan.report
     manifest = scan_for_prediction(folder, labels)
