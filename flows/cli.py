@@ -95,7 +95,17 @@ Variance = Annotated[
 Components = Annotated[
     int | None, typer.Option(help="Fixed number of PCA components, instead of the variance target.")
 ]
-PcaMethod = Annotated[str | None, typer.Option(help="gram (exact), randomized, incremental.")]
+PcaMethod = Annotated[
+    str | None,
+    typer.Option(
+        help="auto (default: gram when its memory fits, else incremental, else stop with "
+        "advice), gram (exact), randomized, incremental."
+    ),
+]
+MemoryLimit = Annotated[
+    float | None,
+    typer.Option(help="GiB the PCA may plan for (default: 80% of RAM or the cgroup limit)."),
+]
 Split = Annotated[
     str | None, typer.Option(help="auto, stratified, grouped, folder (default auto).")
 ]
@@ -132,6 +142,7 @@ REDUCE_OPTIONS = {
     "variance": Variance,
     "components": Components,
     "pca_method": PcaMethod,
+    "memory_limit": MemoryLimit,
     "split": Split,
     "test_size": TestSize,
     "group_regex": GroupRegex,

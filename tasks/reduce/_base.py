@@ -159,26 +159,31 @@ class ScaledPCABase(BaseEstimator):
         """Components the cut asks for: the fixed count, or sklearn's variance rule."""
         return self.n_components or cut(explained_variance / total_variance, self.variance)
 
-    def _finish(self, fit: Fit, hint: str = "") -> None:
-        """Set the learned attributes from an algorithm's result; warn if the cut asked for
-        more components than the algorithm could give."""
+    def _finish(self, fit: Fit) -> int:
+        """Set the learned attributes from an algorithm's result; return the components the
+        cut asked for (more than n_components_ when the algorithm knew fewer)."""
         ratio = fit.explained_variance / fit.total_variance
         k = len(fit.components)
-        needed = self._needed(fit.explained_variance, fit.total_variance)
-        if needed > k:
-            warnings.warn(
-                f"{type(self).__name__} knows {k} components, fewer than the {needed} asked "
-                f"for (variance target {self.variance}): keeping {k}, which explain "
-                f"{ratio[:k].sum():.4f} of the variance{hint}",
-                RuntimeWarning,
-                stacklevel=3,
-            )
         self.n_components_ = k
         self.total_variance_ = fit.total_variance
         self.explained_variance_ = fit.explained_variance[:k].copy()
         self.explained_variance_ratio_ = ratio[:k].copy()
         self.cumulative_variance_ratio_ = np.cumsum(ratio)
         self.components_ = fit.components
+        return self._needed(fit.explained_variance, fit.total_variance)
+
+    def _warn_if_short(self, needed: int, hint: str = "") -> None:
+        """One line when the cut asked for more components than the fit knows: what it kept
+        and the share of the variance those explain."""
+        if needed > self.n_components_:
+            warnings.warn(
+                f"{type(self).__name__} knows {self.n_components_} components, fewer than the "
+                f"{needed} asked for (variance target {self.variance}): keeping "
+                f"{self.n_components_}, which explain {self.explained_variance_ratio_.sum():.4f}"
+                f" of the variance{hint}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def _check_rows(self, X: da.Array) -> None:
         self._check_fitted()

@@ -16,7 +16,7 @@ import numpy as np
 from tasks.reduce._base import ScaledPCABase
 from tasks.reduce._linalg import Fit, flip_signs, top_eigh
 from tasks.reduce._stats import ColumnStats, column_stats, lazy_rows
-from tasks.reduce._stream import product_threads, stream, stream_steps
+from tasks.reduce._stream import logger, product_threads, stream, stream_steps
 
 INCREMENTAL_BATCH = 256  # default rows per update (and components kept)
 
@@ -52,8 +52,30 @@ class ScaledIncrementalPCA(ScaledPCABase):
         self.batch_size = batch_size
 
     def fit(self, X: da.Array, y: None = None) -> ScaledIncrementalPCA:
-        """Fit from scratch on the training rows X; y is ignored."""
-        return self._update(X, first=True)
+        """Fit from scratch on the training rows X; y is ignored.
+
+        With a variance target and no `batch_size`, a fit whose kept directions explain less
+        than the target is redone with twice the batch (a log line says so) until the target
+        is met or the batch holds every row; otherwise a warning says what it reached.
+        """
+        batch = self._batch()
+        while True:
+            needed = self._update(X, True, batch)
+            if needed <= self.n_components_ or self.batch_size is not None:
+                break
+            if batch >= X.shape[0] - 1:
+                break
+            logger.info(
+                "incremental PCA: %d directions explain %.4f of the variance, short of the %s "
+                "target: fitting again with batch %d",
+                self.n_components_,
+                self.explained_variance_ratio_.sum(),
+                self.variance,
+                2 * batch,
+            )
+            batch *= 2
+        self._warn_if_short(needed, hint="; raise batch_size")
+        return self
 
     def partial_fit(self, X: da.Array, y: None = None) -> ScaledIncrementalPCA:
         """Update the fit with new rows X (the first call fits); y is ignored.
@@ -69,12 +91,16 @@ class ScaledIncrementalPCA(ScaledPCABase):
         two calls vs one fit differ by < 1e-4 in explained variance ratio and < 0.01 rad on the
         top-10 subspace.
         """
-        return self._update(X, first=not hasattr(self, "stats_"))
+        first = not hasattr(self, "stats_")
+        # a fit that grew its batch keeps that many directions: so do its updates
+        batch = self._batch() if first else max(self._batch(), len(self.singular_values_))
+        self._warn_if_short(self._update(X, first, batch), hint="; raise batch_size")
+        return self
 
-    def _update(self, X: da.Array, first: bool) -> ScaledIncrementalPCA:
-        """One call's work: merge the column statistics, then stream X's rows in batches."""
+    def _update(self, X: da.Array, first: bool, batch: int) -> int:
+        """One call's work: merge the column statistics, then stream X's rows in batches of
+        `batch`; returns the components the cut asks for."""
         X = self._validate(X, fitting=first)
-        batch = self._batch()  # check batch_size before reading anything
         keep = self.n_components or batch
         previous: ColumnStats | None = None if first else self.stats_
         new = column_stats(X, with_m2=True)
@@ -83,6 +109,8 @@ class ScaledIncrementalPCA(ScaledPCABase):
         self._set_scaling(stats)
         self.stats_ = stats
         total_variance = float(np.sum(stats.m2 * self.scale_**2) / (stats.n - 1))
+        batch = min(batch, X.shape[0])  # no buffer rows that no row can fill
+        keep = min(keep, stats.n)
         buffer, filled = self._start_buffer(X.shape[1], keep, batch, old_scale)
         if previous is None:
             running, n_seen = np.zeros(X.shape[1]), 0
@@ -105,10 +133,10 @@ class ScaledIncrementalPCA(ScaledPCABase):
         flip_signs(retained)
         explained = singular**2 / (stats.n - 1)
         k = min(self._needed(explained, total_variance), len(explained))
-        self._finish(Fit(explained, total_variance, retained[:k]), hint="; raise batch_size")
+        needed = self._finish(Fit(explained, total_variance, retained[:k]))
         self.retained_, self.singular_values_ = retained, singular
         self.method_ = "incremental"
-        return self
+        return needed
 
     def _batch(self) -> int:
         batch = self.batch_size or max(INCREMENTAL_BATCH, self.n_components or 0)

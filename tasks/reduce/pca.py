@@ -112,6 +112,6 @@ class ScaledPCA(ScaledPCABase):
             else:
                 self.solver_ = "randomized"
                 fit = fit_randomized(Xc, self.n_components, self.random_state, self._needed)
-        self._finish(fit)
+        self._warn_if_short(self._finish(fit))
         self.method_ = self.method
         return self

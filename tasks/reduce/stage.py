@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tasks.data.splits import rows_key
 from tasks.errors import UserError
 from tasks.features.store import FeatureStore, StoreError
+from tasks.reduce.plan import Plan, Shape, check, memory_limit, plan
 
 REDUCE_VERSION = "2"  # bump when a code change alters reductions for the same settings
 
@@ -35,7 +37,8 @@ class ReduceOutcome:
     explained_variance: float
 
 
-PCA_METHODS = ("gram", "randomized", "incremental")
+PCA_METHODS = ("auto", "gram", "randomized", "incremental")
+logger = logging.getLogger("featurepipe.reduce")
 
 
 class PcaSettings(BaseModel):
@@ -53,11 +56,19 @@ class PcaSettings(BaseModel):
     )
 
     method: Literal[PCA_METHODS] = Field(
-        "gram", alias="pca_method", description="gram (exact), randomized or incremental"
+        "auto",
+        alias="pca_method",
+        description="auto (gram when its memory fits, else incremental), gram (exact), "
+        "randomized or incremental",
     )
     variance: float = Field(0.8, gt=0.0, le=1.0, description="PCA variance target")
     components: int | None = Field(
         None, ge=1, description="Fixed number of PCA components (instead of the variance target)"
+    )
+    memory_limit: float | None = Field(
+        None,
+        gt=0,
+        description="GiB the reduce stage may plan for (default: 80% of RAM or the cgroup limit)",
     )
 
     @property
@@ -91,11 +102,34 @@ def reduce_key(feature_key: str, train_rows: np.ndarray, pca: PcaSettings) -> st
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
 
 
+def planned(
+    store: FeatureStore, feature_key: str, train_rows: np.ndarray, pca: PcaSettings
+) -> tuple[PcaSettings, Plan, Shape] | None:
+    """The settings with the method the memory plan chooses ("auto" resolved), the plan and
+    the shapes it was made for; None when the features are not in the store."""
+    features = store.feature_array(feature_key)
+    if features is None:
+        return None
+    rows, d = features.data.shape
+    shape = Shape(len(train_rows), d, rows)
+    limit, source = memory_limit(pca.memory_limit)
+    chosen = plan(shape, pca.method, pca.variance, pca.components, limit, source)
+    return pca.model_copy(update={"method": chosen.method}), chosen, shape
+
+
 def cached_reduction(
     store: FeatureStore, feature_key: str, train_rows: np.ndarray, pca: PcaSettings = DEFAULT_PCA
 ) -> ReduceOutcome | None:
-    """The stored reduction for these settings, if any (cheap: no Dask cluster needed)."""
+    """The stored reduction for these settings, if any (cheap: no Dask cluster needed).
+
+    "auto" looks for the method the memory plan chooses, so a reduction made with the
+    method auto picks keeps its key."""
     began = time.perf_counter()
+    if pca.method == "auto":
+        resolved = planned(store, feature_key, train_rows, pca)
+        if resolved is None:
+            return None
+        pca = resolved[0]
     key = reduce_key(feature_key, train_rows, pca)
     attrs = store.reduction_attrs(key)
     if attrs is None:
@@ -130,6 +164,10 @@ def reduce_cached(
     Runs on whatever Dask scheduler is active (a distributed client if one is open).
     """
     began = time.perf_counter()
+    requested = pca.method
+    resolved = planned(store, feature_key, train_rows, pca)
+    if resolved is not None:
+        pca = resolved[0]
     cached = cached_reduction(store, feature_key, train_rows, pca)
     if cached is not None:
         return cached
@@ -138,6 +176,9 @@ def reduce_cached(
     if features is None or not features.complete:
         raise StoreError(f"features {feature_key} are missing or incomplete: run extract first")
     _check_components(pca, len(train_rows), features.data.shape[1])
+    _, memory_plan, shape = resolved
+    check(memory_plan, shape, pca.variance, pca.components)  # stop before reading anything
+    logger.info(memory_plan.describe(shape))
     data = features.as_dask()
     base = (
         _incremental_base(store, feature_key, train_rows, pca)
@@ -156,6 +197,14 @@ def reduce_cached(
     projected = fitted.project(data)
     state, state_attrs = fitted.to_state()
     explained = float(np.sum(fitted.explained_variance_ratio_))
+    if pca.target is not None and explained < pca.target:
+        logger.warning(
+            "PCA %s kept %d components explaining %.4f of the variance, short of the %s target",
+            fitted.method_,
+            fitted.n_components_,
+            explained,
+            pca.target,
+        )
     attrs = {
         "feature_key": feature_key,
         "method": fitted.method_,
@@ -165,6 +214,13 @@ def reduce_cached(
         "explained_variance": explained,
         "train_rows": np.sort(train_rows).tolist(),
         "pca": state_attrs,
+        "memory_plan": {
+            "requested": requested,
+            "estimated_peak_bytes": memory_plan.peak,
+            "limit_bytes": memory_plan.limit,
+            "limit_source": memory_plan.limit_source,
+            "expected_components": memory_plan.k,
+        },
         "seconds": time.perf_counter() - began,
         **lineage,
     }

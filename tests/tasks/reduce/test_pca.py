@@ -202,6 +202,25 @@ def test_randomized_grows_its_sketch_to_reach_the_cut(data: Data) -> None:
     )
 
 
+def test_incremental_grows_its_batch_to_meet_the_variance_target(
+    data: Data, caplog: pytest.LogCaptureFixture
+) -> None:
+    """0.97 needs more components than the default 256 directions kept: the fit doubles its
+    batch until the kept directions reach the target; a fixed batch_size says what it reached."""
+    X = data.X[data.train]
+    scaled = data.scaler.transform(data.raw[data.train])
+    ref = PCA(0.97, svd_solver="full").fit(scaled)
+    assert ref.n_components_ > 256
+    with caplog.at_level("INFO", logger="featurepipe.reduce"):
+        est = ScaledIncrementalPCA(variance=0.97).fit(X)
+    assert "fitting again with batch 512" in caplog.text
+    assert est.explained_variance_ratio_.sum() >= 0.97
+    assert abs(est.n_components_ - ref.n_components_) <= 1
+    with pytest.warns(RuntimeWarning, match=r"keeping 256, which explain 0\.9[0-6]\d+ of the var"):
+        short = ScaledIncrementalPCA(variance=0.97, batch_size=256).fit(X)
+    assert short.n_components_ == 256 and short.explained_variance_ratio_.sum() < 0.97
+
+
 def _halves(data: Data) -> tuple[np.ndarray, np.ndarray]:
     """Two train halves with different column ranges, so the second call widens min/max."""
     order = np.argsort(data.raw[data.train].sum(axis=1))

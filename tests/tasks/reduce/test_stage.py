@@ -13,7 +13,8 @@ from tasks.data.splits import split_rows
 from tasks.errors import UserError
 from tasks.features.extract import ExtractSettings, extract
 from tasks.features.store import FeatureStore
-from tasks.reduce.stage import PcaSettings, reduce_cached
+from tasks.reduce.plan import MemoryPlanError
+from tasks.reduce.stage import PcaSettings, cached_reduction, planned, reduce_cached
 from tests.conftest import write_image
 
 SETTINGS = ExtractSettings(
@@ -72,3 +73,45 @@ def test_grown_dataset_updates_the_incremental_fit(tmp_path: Path) -> None:
     refit = FeatureStore(str(tmp_path / "fresh")).load_reduction(fresh.key)[0]["projected"]
     k = min(updated.shape[1], refit.shape[1], 3)  # leading components agree up to sign
     np.testing.assert_allclose(np.abs(updated[:, :k]), np.abs(refit[:, :k]), atol=1e-3)
+
+
+def test_auto_finds_the_reduction_gram_made_under_the_same_key(tmp_path: Path) -> None:
+    """Where auto chooses gram, a reduction stored with --pca-method gram keeps its key."""
+    data, store = tmp_path / "images", FeatureStore(str(tmp_path / "store"))
+    _tree(data, per_class=6)
+    gram = _reduce(data, store, PcaSettings(method="gram", variance=0.9))
+    manifest = scan(data)
+    train, _ = split_rows(manifest, "folder")
+    found = cached_reduction(store, gram.feature_key, train, PcaSettings(variance=0.9))
+    assert found is not None and found.key == gram.key and found.method == "gram"
+    auto = _reduce(data, store, PcaSettings(variance=0.9))
+    assert auto.cached and auto.key == gram.key
+
+
+@pytest.fixture(scope="module")
+def huge(tmp_path_factory: pytest.TempPathFactory) -> tuple[FeatureStore, str]:
+    """80,000 x 200,704 float32 features (60 GB as numbers) that exist only as metadata and
+    done flags: nothing may read or allocate them."""
+    store = FeatureStore(str(tmp_path_factory.mktemp("huge") / "store"))
+    array = store.create_feature_array("huge", 80_000, 200_704, "float32", {}, 2**30)
+    array.group["done"][:] = True
+    return store, "huge"
+
+
+def test_a_reduction_that_cannot_fit_stops_before_reading(huge) -> None:
+    store, key = huge
+    train = np.arange(60_000)
+    with pytest.raises(MemoryPlanError, match=r"^PCA of 60,000 x 200,704 training rows at varia"):
+        reduce_cached(store, key, train, PcaSettings(memory_limit=24))
+    assert not list(store.reductions())
+
+
+def test_the_plan_picks_what_fits_for_60000_block3_rows(huge) -> None:
+    store, key = huge
+    train = np.arange(60_000)
+    fixed = planned(store, key, train, PcaSettings(components=500, memory_limit=24))
+    assert fixed[0].method == "incremental" and fixed[1].fits
+    big = planned(store, key, train, PcaSettings(components=500, memory_limit=200))
+    assert big[0].method == "gram" and big[1].fits
+    small = planned(store, key, np.arange(1_000), PcaSettings(memory_limit=24))
+    assert small[0].method == "gram" and small[1].peak < 24 * 2**30
