@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,7 +21,7 @@ from tasks.errors import UserError, disk_full_message, is_disk_full
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-# Prefect's local API needs ~10 s to start and 20 s is its time-out: too tight on a busy machine.
+# Prefect's default 20 s time-out for starting its local API is too tight on a busy machine.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 # Our own progress lines (e.g. long PCA passes) go to the run's log and the console.
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "featurepipe")
@@ -362,7 +363,7 @@ def reduce(**flags: Any) -> None:
         key = features.split(",")[0].strip()
         from tasks.features.store import FeatureStore
 
-        full_key = FeatureStore(settings.store).find(key)[1]
+        full_key = FeatureStore(settings.store, mode="r").find(key)[1]
         _print(
             reduce_flow(settings, full_key),
             json_out,
@@ -541,24 +542,18 @@ def serve(**flags: Any) -> None:
     _guarded(body)
 
 
+def _open_store(store: str | None, mode: str):
+    """The feature store for a maintenance command; it must exist (see FeatureStore modes)."""
+    from tasks.features.store import FeatureStore
+
+    return FeatureStore(_store_path(store), mode=mode)
+
+
 @store_app.command("ls", help="Feature arrays and reductions: shapes, sizes, keys, completeness.")
 def store_ls(store: Store = None, json_out: JsonOut = False) -> None:
     def body() -> None:
-        from tasks.features.store import FeatureStore
-
-        feature_store = FeatureStore(_store_path(store))
-        rows = [a.summary() for a in feature_store.feature_arrays()]
-        rows += [
-            {
-                "key": key,
-                "kind": "reduced",
-                "feature_key": attrs.get("feature_key"),
-                "n_components": attrs.get("n_components"),
-                "method": attrs.get("method"),
-                "complete": attrs.get("complete"),
-            }
-            for key, attrs in feature_store.reductions()
-        ]
+        feature_store = _open_store(store, "r")
+        rows = feature_store.summaries()
         if json_out:
             _print({"store": feature_store.location, "arrays": rows}, True, print)
             return
@@ -584,16 +579,8 @@ def store_ls(store: Store = None, json_out: JsonOut = False) -> None:
 @store_app.command("info", help="Every attribute of one array (key or unique prefix).")
 def store_info(key: str, store: Store = None) -> None:
     def body() -> None:
-        from tasks.features.store import FeatureStore
-
-        feature_store = FeatureStore(_store_path(store))
-        kind, full = feature_store.find(key)
-        attrs = feature_store.root[f"{kind}/{full}"].attrs.asdict()
-        if kind == "features":
-            attrs = {**feature_store.feature_array(full).summary(), **attrs}
-        attrs.pop("manifest", None)
-        attrs.pop("train_rows", None)
-        typer.echo(json.dumps({"kind": kind, **attrs}, indent=2, default=str))
+        info = _open_store(store, "r").describe(key)
+        typer.echo(json.dumps(info, indent=2, default=str))
 
     _guarded(body)
 
@@ -605,22 +592,20 @@ def store_info(key: str, store: Store = None) -> None:
 )
 def store_verify(store: Store = None, repair: bool = False, json_out: JsonOut = False) -> None:
     def body() -> None:
-        from tasks.features.store import FeatureStore
-
-        feature_store = FeatureStore(_store_path(store))
-        report = {}
-        for array in feature_store.feature_arrays():
-            problems = array.verify()
-            report[array.key] = problems
-            if repair:
-                for line in problems:
-                    array.unmark_chunk(int(line.split(":")[0].split()[1]))
+        feature_store = _open_store(store, "r+" if repair else "r")
+        report = {array.key: array.verify() for array in feature_store.feature_arrays()}
+        if repair:
+            for key, problems in report.items():
+                feature_store.feature_array(key).repair(problems)
         bad = {key: problems for key, problems in report.items() if problems}
         if json_out:
-            _print({"ok": not bad, "problems": bad}, True, print)
+            problems = {
+                key: [{**asdict(p), "message": str(p)} for p in found] for key, found in bad.items()
+            }
+            _print({"ok": not bad, "problems": problems}, True, print)
         else:
             for key, problems in report.items():
-                typer.echo(f"{key}: {'ok' if not problems else '; '.join(problems)}")
+                typer.echo(f"{key}: {'; '.join(map(str, problems)) or 'ok'}")
         if bad and not repair:
             raise typer.Exit(1)
 
@@ -630,9 +615,7 @@ def store_verify(store: Store = None, repair: bool = False, json_out: JsonOut = 
 @store_app.command("rm", help="Remove one array or reduction (key or unique prefix).")
 def store_rm(key: str, store: Store = None) -> None:
     def body() -> None:
-        from tasks.features.store import FeatureStore
-
-        typer.echo(f"removed {FeatureStore(_store_path(store)).remove(key)}")
+        typer.echo(f"removed {_open_store(store, 'r+').remove(key)}")
 
     _guarded(body)
 
@@ -640,9 +623,7 @@ def store_rm(key: str, store: Store = None) -> None:
 @store_app.command("gc", help="Remove orphaned reductions and manifests.")
 def store_gc(store: Store = None) -> None:
     def body() -> None:
-        from tasks.features.store import FeatureStore
-
-        removed = FeatureStore(_store_path(store)).gc()
+        removed = _open_store(store, "r+").gc()
         typer.echo("\n".join(f"removed {item}" for item in removed) or "nothing to remove")
 
     _guarded(body)

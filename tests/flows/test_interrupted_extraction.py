@@ -76,8 +76,8 @@ def _assert_consistent(store_path: Path, key: str) -> tuple[FeatureArray, np.nda
     array = FeatureStore(str(store_path)).feature_array(key)
     done = array.done_flags()
     assert 0 < done.sum() < array.n_chunks  # really stopped part-way through
-    assert array.verify() == [
-        f"chunk {i}: missing (not marked done)" for i in np.flatnonzero(~done)
+    assert [(p.chunk, p.kind) for p in array.verify()] == [
+        (i, "not_done") for i in np.flatnonzero(~done)
     ]
     assert not list(store_path.rglob("*.partial"))  # no temporary file left behind
     return array, done

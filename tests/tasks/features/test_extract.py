@@ -158,8 +158,8 @@ def test_verify_finds_deleted_chunk_and_repair_recomputes(image_tree: Path, tmp_
     assert array.verify() == []
     (tmp_path / "store" / "features" / key / "x" / "c" / "1" / "0").unlink()
     problems = array.verify()
-    assert len(problems) == 1 and problems[0].startswith("chunk 1: missing data")
-    array.unmark_chunk(1)
+    assert [(p.chunk, p.kind) for p in problems] == [(1, "no_data")]
+    array.repair(problems)
     redo = extract(manifest, store, SMALL)
     assert redo.images_computed == array.chunk_rows
     np.testing.assert_array_equal(_features(store, key), expected)
