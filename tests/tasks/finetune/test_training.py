@@ -114,7 +114,7 @@ def test_interrupted_training_resumes_and_writes_a_run(image_tree: Path, tmp_pat
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
     truth = [manifest.records[i].label for i in test]
     accuracy = np.mean([a == b for a, b in zip(labels, truth, strict=True)])
-    assert accuracy == pytest.approx(entry["metrics"]["accuracy"])  # same decode + preprocess
+    assert accuracy == pytest.approx(entry.accuracy)  # same decode + preprocess
 
 
 def test_pipeline_matches_extraction_decoding_and_augments_training_only(image_tree: Path) -> None:
