@@ -18,7 +18,7 @@ from tasks.data.scan import Manifest
 from tasks.data.unlabelled import scan_for_prediction
 from tasks.errors import UserError
 from tasks.features.extract import ExtractSettings, ProgressCallback, extract
-from tasks.features.store import FeatureStore
+from tasks.features.store import FeatureStore, StoreError
 from tasks.runs.folder import load_model, read_report
 from tasks.runs.redact import MASK
 from tasks.runs.schema import RunReport
@@ -55,15 +55,10 @@ def recorded_store(report: RunReport) -> str:
 
 def open_existing_store(location: str, recorded: str) -> FeatureStore:
     """Open a store without creating it: a mistyped --store must not leave an empty one."""
-    import zarr
-
     try:
-        zarr.open_group(location, mode="r", zarr_format=3)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, OSError):
-        raise PredictError(
-            f"no feature store at {location} (the run was made with the store {recorded})"
-        ) from None
-    return FeatureStore(location)
+        return FeatureStore(location, mode="r+")
+    except StoreError as error:
+        raise PredictError(f"{error} (the run was made with the store {recorded})") from None
 
 
 def _check_weights(store: FeatureStore, report: RunReport) -> None:
