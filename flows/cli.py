@@ -695,13 +695,14 @@ def backbones_ls(
         if json_out:
             _print({"backbones": rows}, True, print)
             return
+        width = max(len(row.get("default_layer", "")) for row in rows)
         for row in rows:
             if "cut_points" in row:
                 typer.echo(f"{row['name']} cut points: {', '.join(row['cut_points'])}")
             else:
                 typer.echo(
                     f"{row['name']:<18} {row['default_size']:>4}px  layer "
-                    f"{row['default_layer']:<22} weights: {', '.join(row['weights'])}"
+                    f"{row['default_layer']:<{width}} weights: {', '.join(row['weights'])}"
                 )
 
     _guarded(body)
