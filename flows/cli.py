@@ -42,9 +42,10 @@ backbones_app = typer.Typer(
 app.add_typer(backbones_app, name="backbones")
 
 Data = Annotated[
-    Path | None,
+    str | None,
     typer.Option(
-        help="Image folder: one sub-folder per class, optionally inside train/ valid/ test/."
+        help="Image folder: one sub-folder per class, optionally inside train/ valid/ test/; "
+        "or s3://bucket/prefix (any fsspec URL) with the same layout."
     ),
 ]
 Labels = Annotated[
@@ -298,7 +299,9 @@ def _pipeline_command(flow_name: str) -> Callable:
             settings = _settings(**flags)
             if settings.data is None:
                 raise UserError("--data is required (or `data:` in --config)")
-            if not settings.data.is_dir():  # before starting Prefect: answer in a second
+            from tasks.data.images import is_url
+
+            if not is_url(settings.data) and not settings.data.is_dir():  # before Prefect
                 raise UserError(f"dataset folder not found: {settings.data}")
             _check_labels(settings)
             from flows import pipeline

@@ -16,7 +16,7 @@ from prefect import Task, flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
-from prefect.runtime import flow_run
+from prefect.runtime import flow_run, task_run
 from prefect.states import State
 
 from flows.progress import ExtractProgress
@@ -66,8 +66,14 @@ def _classify_run_name() -> str:
     return "classify-" + ",".join(key[:8] for key in keys)
 
 
-@task(name="scan", cache_policy=NO_CACHE, task_run_name="scan-{data.name}")
-def scan_task(data: Path, limit_per_class: int | None, labels: Path | None = None) -> Manifest:
+def _scan_run_name() -> str:
+    return f"scan-{Path(str(task_run.parameters['data'])).name}"  # a path's or a URL's last part
+
+
+@task(name="scan", cache_policy=NO_CACHE, task_run_name=_scan_run_name)
+def scan_task(
+    data: Path | str, limit_per_class: int | None, labels: Path | None = None
+) -> Manifest:
     manifest = scan_labels(data, labels, limit_per_class) if labels else scan(data, limit_per_class)
     logger = get_run_logger()
     logger.info(

@@ -16,6 +16,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from tasks.data.images import is_url
 from tasks.data.splits import SPLIT_METHODS
 from tasks.errors import UserError
 from tasks.features.extract import ExtractSettings
@@ -47,10 +48,10 @@ class DataSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    data: Path | None = Field(
+    data: Path | str | None = Field(
         None,
         description="Image folder: one sub-folder per class "
-        "(optionally inside train/ valid/ test/)",
+        "(optionally inside train/ valid/ test/); or s3://bucket/prefix (any fsspec URL)",
     )
     runs: Path = Field(DEFAULT_RUNS, description="Folder that receives one folder per run")
     limit_per_class: int | None = Field(None, ge=1)
@@ -63,6 +64,12 @@ class DataSettings(BaseModel):
         None,
         description="CSV of path,label[,split] (paths relative to data) instead of class folders",
     )
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _path_or_url(cls, value: Any) -> Any:
+        """A URL stays text (a Path would fold its '//'); anything else is a local path."""
+        return value if value is None or is_url(value) else Path(value)
 
 
 class ClassifierSettings(BaseModel):

@@ -47,7 +47,7 @@ class WorkerBackbone:
 # Per worker process: at most one backbone (a second would double its memory) and one opened
 # store per location. A lock, because a worker started with several threads runs tasks at once.
 _LOCK = threading.Lock()
-_BACKBONES: dict[tuple[ExtractSettings, tuple[str, ...]], WorkerBackbone] = {}
+_BACKBONES: dict[tuple[str, tuple[str, ...]], WorkerBackbone] = {}
 _STORES: dict[str, FeatureStore] = {}
 BUILDS = Counter()  # backbones built by this process, per settings (`client.run` reads it)
 
@@ -83,7 +83,7 @@ def worker_backbone(
     The weights are resolved on this machine; if they are not the ones the client resolved
     (another weights file at the same path), the task fails rather than mix features.
     """
-    key = (settings, tuple(layers))
+    key = (repr(settings), tuple(layers))  # every field: whatever changes the model is in it
     with _LOCK:
         if key not in _BACKBONES:
             spec, weights, size = resolve_backbone(settings)

@@ -10,19 +10,7 @@ import pytest
 from tasks.data.images import load_rgb
 from tasks.data.scan import DatasetError, scan
 from tests.conftest import write_image
-from tests.s3 import s3_endpoint  # noqa: F401 (a fixture)
-
-
-def _upload(folder: Path, url: str) -> None:
-    import s3fs
-
-    fs = s3fs.S3FileSystem()
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            fs.pipe(
-                f"{url.removeprefix('s3://')}/{path.relative_to(folder).as_posix()}",
-                path.read_bytes(),
-            )
+from tests.s3 import s3_endpoint, upload  # noqa: F401 (a fixture)
 
 
 @pytest.mark.usefixtures("s3_endpoint")
@@ -34,7 +22,7 @@ def test_s3_tree_scans_like_the_local_folder(image_tree: Path) -> None:
     (image_tree / "dogs" / "readme.txt").write_text("hello")
     (image_tree / "dogs" / ".hidden.png").write_bytes(good)
     (image_tree / "stray.png").write_bytes(good)
-    _upload(image_tree, "s3://features/images")
+    upload(image_tree, "s3://features/images")
 
     local, remote = scan(image_tree), scan("s3://features/images/")
     assert remote.key == local.key  # same contents, labels, splits: cached features are shared
@@ -60,7 +48,7 @@ def test_s3_splits_layout_and_missing_prefix(tmp_path: Path) -> None:
                     tmp_path / split / label / f"{i}.png",
                     seed=i + 10 * (label == "b") + 100 * (split == "test"),
                 )
-    _upload(tmp_path, "s3://features/split")
+    upload(tmp_path, "s3://features/split")
     assert scan("s3://features/split").key == scan(tmp_path).key
     assert {r.split for r in scan("s3://features/split").records} == {"train", "test"}
     with pytest.raises(DatasetError, match="not found"):
