@@ -383,8 +383,11 @@ def reduce(**flags: Any) -> None:
 def predict(
     run: Annotated[str, typer.Option(help="Run id (see `featurepipe runs ls`).")],
     data: Annotated[
-        Path,
-        typer.Option(help="Folder of images (flat, or class sub-folders whose names are kept)."),
+        str,
+        typer.Option(
+            help="Folder of images (flat, or class sub-folders whose names are kept); or "
+            "s3://bucket/prefix (any fsspec URL) with class sub-folders."
+        ),
     ],
     labels: Annotated[
         Path | None,
@@ -401,19 +404,21 @@ def predict(
     json_out: JsonOut = False,
 ) -> None:
     def body() -> None:
+        from tasks.data.images import is_url
         from tasks.runs.predict import plan_prediction
 
         run_dir = _run_dir(runs, run)
-        if not data.is_dir():
+        images = data if is_url(data) else Path(data)
+        if not is_url(data) and not images.is_dir():
             raise UserError(f"folder not found: {data}")
         if labels is not None:
             from tasks.data.labels import read_labels
 
-            read_labels(labels, data)
+            read_labels(labels, images)
         plan = plan_prediction(run_dir, store, classifier)  # before Prefect: fails in seconds
         from flows.pipeline import predict_flow
 
-        summary = predict_flow(run_dir, data, out, plan.store, plan.classifier, labels)
+        summary = predict_flow(run_dir, images, out, plan.store, plan.classifier, labels)
         _print(
             summary,
             json_out,

@@ -355,7 +355,7 @@ def sweep_flow(settings: PipelineSettings) -> dict:
 @flow(name="predict", flow_run_name="predict-{run_dir.name}")
 def predict_flow(
     run_dir: Path,
-    data: Path,
+    data: Path | str,
     out: Path,
     store: str | None = None,
     classifier: str | None = None,

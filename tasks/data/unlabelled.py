@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.data.images import IMAGE_EXTENSIONS, check_image
+from tasks.data.images import IMAGE_EXTENSIONS, check_image, is_url
 from tasks.data.labels import scan_labels
 from tasks.data.scan import DatasetError, ImageRecord, Manifest, Skipped, file_sha256, scan
 
@@ -39,6 +39,8 @@ def scan_for_prediction(folder: str | Path, labels: Path | None = None) -> Manif
     class sub-folders when present; a flat folder's images are unlabelled."""
     if labels is not None:
         return scan_labels(folder, labels)
+    if is_url(folder):  # object storage: a labelled tree (class folders), read remotely
+        return scan(folder)
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise DatasetError(f"folder not found: {folder}")

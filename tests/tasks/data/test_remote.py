@@ -9,6 +9,7 @@ import pytest
 
 from tasks.data.images import load_rgb
 from tasks.data.scan import DatasetError, scan
+from tasks.data.unlabelled import scan_for_prediction
 from tests.conftest import write_image
 from tests.s3 import s3_endpoint, upload  # noqa: F401 (a fixture)
 
@@ -50,6 +51,7 @@ def test_s3_splits_layout_and_missing_prefix(tmp_path: Path) -> None:
                 )
     upload(tmp_path, "s3://features/split")
     assert scan("s3://features/split").key == scan(tmp_path).key
+    assert scan_for_prediction("s3://features/split").key == scan(tmp_path).key  # predict --data
     assert {r.split for r in scan("s3://features/split").records} == {"train", "test"}
     with pytest.raises(DatasetError, match="not found"):
         scan("s3://features/nothing-here")
