@@ -13,6 +13,8 @@ import pytest
 
 from tests.conftest import write_image
 
+pytestmark = pytest.mark.slow  # see the slow marker in pyproject.toml
+
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PREFECT_LOGGING_LEVEL": "WARNING"}
 
 

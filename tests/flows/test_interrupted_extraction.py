@@ -26,6 +26,8 @@ from tasks.features.extract import ExtractSettings, extract, plan_extraction
 from tasks.features.store import FeatureArray, FeatureStore
 from tests.conftest import write_image
 
+pytestmark = pytest.mark.slow  # see the slow marker in pyproject.toml
+
 LAYER = "block1_pool"  # 64x64x64 floats = 1 MiB per image at 128 px: 16 images per chunk
 
 

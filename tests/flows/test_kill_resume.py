@@ -8,7 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from benchmarks.kill_loop import run_kill_loop
+
+pytestmark = pytest.mark.slow  # see the slow marker in pyproject.toml
 
 
 def test_twenty_kills_and_resumes_end_identical_to_an_uninterrupted_run(tmp_path: Path) -> None:

@@ -29,6 +29,8 @@ from tests.prefect_server import (
     wait_until,
 )
 
+pytestmark = pytest.mark.slow  # see the slow marker in pyproject.toml
+
 REPO = Path(__file__).resolve().parents[2]
 POOL = "featurepipe-pool"
 TINY = {

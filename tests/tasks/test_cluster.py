@@ -18,6 +18,8 @@ from tasks.features.store import FeatureStore
 from tests.conftest import write_image
 from tests.s3 import s3_endpoint  # noqa: F401 (a fixture)
 
+pytestmark = pytest.mark.slow  # see the slow marker in pyproject.toml
+
 SETTINGS = ExtractSettings(
     backbone="vgg16",
     weights="none",
