@@ -32,58 +32,62 @@ import numpy as np
 
 from benchmarks.reduce import _peak_rss_mb, build
 
-NOT_PRODUCTS = ("eigh", "column statistics", "panel read")  # phases that multiply nothing
+# phases that multiply nothing
+NOT_PRODUCTS = ("eigh", "column statistics", "panel read", "statistics + first panel read")
 
 
 class _Phases(logging.Handler):
-    """Collects tasks/reduce's timing records: phase -> [seconds, waited, count]."""
+    """Collects tasks/reduce's timing records: phase -> [wall s, CPU s, waited s, count]."""
 
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
-        self.phases: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0])
+        self.phases: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0, 0])
 
     def emit(self, record: logging.LogRecord) -> None:
         if hasattr(record, "pca_phase"):
             entry = self.phases[record.pca_phase]
             entry[0] += record.pca_seconds
-            entry[1] += record.pca_waited
-            entry[2] += 1
+            entry[1] += record.pca_cpu
+            entry[2] += record.pca_waited
+            entry[3] += 1
 
 
-def sgemm_rate(d: int, m: int, threads: int) -> float:
-    """FLOP/s of A @ A.T for a float32 (m, d) A, best of three, with `threads` BLAS threads."""
+def sgemm_rate(d: int, m: int, threads: int) -> tuple[float, float]:
+    """FLOP per wall second and per CPU second of A @ A.T for a float32 (m, d) A, best of
+    three, with `threads` BLAS threads. On a shared machine the CPU rate is the stable one."""
     from threadpoolctl import threadpool_limits
 
     a = np.random.default_rng(0).standard_normal((m, d), dtype=np.float32)
-    best = np.inf
+    wall = cpu = np.inf
     with threadpool_limits(threads, user_api="blas"):
         for _ in range(3):
-            began = time.perf_counter()
+            began, cpu0 = time.perf_counter(), time.process_time()
             a @ a.T
-            best = min(best, time.perf_counter() - began)
-    return 2 * m * m * d / best
+            wall = min(wall, time.perf_counter() - began)
+            cpu = min(cpu, time.process_time() - cpu0)
+    return 2 * m * m * d / wall, 2 * m * m * d / cpu
 
 
 def bare_passes(path: Path, est) -> dict[str, float]:
-    """Seconds of one pass over the rows: file bytes; + decompression; + scaling."""
+    """CPU seconds of one pass over the rows: file bytes; + decompression; + scaling."""
     import dask.array as da
 
     from tasks.reduce._stats import lazy_rows
     from tasks.reduce._stream import stream, stream_steps
 
-    began = time.perf_counter()
+    began = time.process_time()
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
         file.read_bytes()
-    out = {"file bytes (page cache)": time.perf_counter() - began}
+    out = {"file bytes (page cache)": time.process_time() - began}
     X = da.from_zarr(str(path))
     for name, rows in (
         ("read + decompress", X),
         ("read + decompress + scale", lazy_rows(X, est._affine())),
     ):
-        began = time.perf_counter()
+        began = time.process_time()
         for _ in stream(rows, stream_steps(rows)):
             pass
-        out[name] = time.perf_counter() - began
+        out[name] = time.process_time() - began
     return out
 
 
@@ -118,52 +122,59 @@ def profile(args: argparse.Namespace, path: Path) -> None:
         f"in memory, {disk / 2**20:.0f} MiB on disk; {os.cpu_count()} cores, "
         f"{client_blas_threads()} BLAS thread(s) for products; load {os.getloadavg()}"
     )
-    rate = sgemm_rate(d, min(n, 512), client_blas_threads())
-    all_cores = sgemm_rate(d, min(n, 512), os.cpu_count() or 1)
+    rate, cpu_rate = sgemm_rate(d, min(n, 512), client_blas_threads())
+    all_cores = sgemm_rate(d, min(n, 512), os.cpu_count() or 1)[0]
     print(
-        f"numpy SGEMM: {rate / 1e9:.1f} GFLOP/s with the fit's {client_blas_threads()} BLAS "
-        f"thread(s) (the reference below), {all_cores / 1e9:.1f} GFLOP/s with all cores"
+        f"numpy SGEMM with the fit's {client_blas_threads()} BLAS thread(s): "
+        f"{rate / 1e9:.1f} GFLOP per wall second, {cpu_rate / 1e9:.1f} per CPU second "
+        f"(the references below); {all_cores / 1e9:.1f} per wall second with all cores"
     )
 
     handler = _Phases()
     logger = logging.getLogger("featurepipe.reduce")
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)
-    began = time.perf_counter()
+    began, cpu0 = time.perf_counter(), time.process_time()
     est = ScaledPCA(variance=args.variance, method="gram").fit(X)
-    fit_s = time.perf_counter() - began
+    fit_s, fit_cpu = time.perf_counter() - began, time.process_time() - cpu0
     fit_phases = dict(handler.phases)
     handler.phases.clear()
-    began = time.perf_counter()
+    began, cpu0 = time.perf_counter(), time.process_time()
     est.project(X)
-    project_s = time.perf_counter() - began
+    project_s, project_cpu = time.perf_counter() - began, time.process_time() - cpu0
     logger.removeHandler(handler)
     k = est.n_components_
 
     _, panels = gram_plan(chunk_bounds(X), d, None)
-    gram_macs = sum((b - a) * (n - a) * d for a, b in panels)  # each panel x itself and later rows
-    fit_macs = gram_macs + k * n * d  # + components = weights^T rows
+    # the multiply-adds a fit performs: each panel times itself (its Gram block, computed in
+    # full) and every later row, then components = weights^T rows
+    gram_macs = sum((b - a) * (n - a) * d for a, b in panels)
+    fit_macs = gram_macs + k * n * d
     peak = _peak_rss_mb()
-    print(f"\nfit: {fit_s:.1f} s, k = {k}, {len(panels)} panel(s), peak RSS {peak:.0f} MB")
-    print(f"{'phase':<34} {'count':>5} {'s':>7} {'on reads s':>10}")
-    for phase, (seconds, waited, count) in fit_phases.items():
-        print(f"{phase:<34} {count:>5} {seconds:>7.2f} {waited:>10.2f}")
-    in_products = sum(
-        seconds - waited
-        for phase, (seconds, waited, _) in fit_phases.items()
-        if phase not in NOT_PRODUCTS
-    )
     print(
-        f"fit multiply-adds {fit_macs:.3g}: {2 * fit_macs / fit_s / 1e9:.1f} GFLOP/s over the "
-        f"whole fit = {2 * fit_macs / fit_s / rate:.2f} of SGEMM; products alone "
-        f"(passes minus reads, dense products) {in_products:.1f} s = "
-        f"{2 * fit_macs / in_products / rate:.2f} of SGEMM"
+        f"\nfit: {fit_s:.1f} s wall, {fit_cpu:.1f} s CPU, k = {k}, {len(panels)} panel(s), "
+        f"peak RSS {peak:.0f} MB"
     )
+    print(f"{'phase':<34} {'count':>5} {'wall s':>7} {'CPU s':>7} {'on reads s':>10}")
+    for phase, (seconds, cpu, waited, count) in fit_phases.items():
+        print(f"{phase:<34} {count:>5} {seconds:>7.2f} {cpu:>7.2f} {waited:>10.2f}")
+    flops = 2 * fit_macs
+    products = [v for phase, v in fit_phases.items() if phase not in NOT_PRODUCTS]
+    product_wall = sum(seconds - waited for seconds, _, waited, _ in products)
+    product_cpu = sum(cpu for _, cpu, _, _ in products)
     print(
-        f"projection: {project_s:.1f} s for {n * k * d:.3g} multiply-adds = "
-        f"{2 * n * k * d / project_s / rate:.2f} of SGEMM"
+        f"fit: {fit_macs:.3g} multiply-adds; share of the SGEMM rate reached by the whole fit "
+        f"{flops / fit_s / rate:.2f} (wall) / {flops / fit_cpu / cpu_rate:.2f} (CPU); by its "
+        f"product phases alone {flops / product_wall / rate:.2f} / "
+        f"{flops / product_cpu / cpu_rate:.2f}"
     )
-    print("\none pass over the same rows:")
+    project_flops = 2 * n * k * d
+    print(
+        f"projection: {project_s:.1f} s wall, {project_cpu:.1f} s CPU for {n * k * d:.3g} "
+        f"multiply-adds: {project_flops / project_s / rate:.2f} (wall) / "
+        f"{project_flops / project_cpu / cpu_rate:.2f} (CPU) of SGEMM"
+    )
+    print("\none pass over the same rows, CPU seconds:")
     for name, seconds in bare_passes(path, est).items():
         print(f"  {name:<28} {seconds:>6.2f} s")
 

@@ -151,6 +151,11 @@ class ScaledPCABase(BaseEstimator):
         self.mean_ = (stats.mean - stats.data_min) * self.scale_
         self.n_samples_seen_ = stats.n
 
+    def _scaling(self, stats: ColumnStats) -> np.ndarray:
+        """Set the scaling attributes from `stats`; return the affine parameters of `centre`."""
+        self._set_scaling(stats)
+        return self._affine()
+
     def _affine(self, centre: bool = True) -> np.ndarray:
         mean = self.mean_ if centre else np.zeros_like(self.mean_)
         return np.stack([self.data_min_, self.scale_, mean]).astype(np.float32)

@@ -3,18 +3,29 @@ rows are wider than they are many (n < d).
 
 The Gram matrix needs every pair of rows, so it is built panel by panel: a panel of rows stays
 in memory while the later rows stream past it, and the data is read (panels + 1) / 2 times,
-plus one pass for the components (the last panel is reused). Column slabs would read
+plus one pass for the components (the last panel is reused; the first is read with the
+column statistics). Column slabs would read
 everything once per slab (chunks hold all columns), twice the I/O of panels for the same
 memory.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import dask.array as da
 import numpy as np
 
 from tasks.reduce._linalg import ChooseK, Fit, add_wt_x, flip_signs, top_eigh
-from tasks.reduce._stream import chunk_bounds, group, pairs, step_rows, stream, timed
+from tasks.reduce._stats import ColumnStats, RunningStats, centre, lazy_rows
+from tasks.reduce._stream import (
+    chunk_bounds,
+    group,
+    pairs,
+    step_rows,
+    stream,
+    timed,
+)
 
 PANEL_BYTES = 1 << 30  # default panel: fewer, bigger panels mean fewer passes over the data
 
@@ -29,18 +40,39 @@ def gram_plan(
     return pairs(steps), pairs(group(steps, panel_rows))
 
 
-def fit_gram(Xc: da.Array, batch_size: int | None, choose_k: ChooseK) -> Fit:
-    """eigh of Xc Xc^T built panel by panel, then components = (U / s)^T Xc."""
-    n, d = Xc.shape
-    steps, panels = gram_plan(chunk_bounds(Xc), d, batch_size)
+def fit_gram(
+    X: da.Array,
+    batch_size: int | None,
+    scaling: Callable[[ColumnStats], np.ndarray],
+    choose_k: ChooseK,
+) -> Fit:
+    """eigh of Xc Xc^T built panel by panel, then components = (U / s)^T Xc.
+
+    The first pass reads the raw rows for the column statistics and keeps the first panel's
+    rows, so that panel is not read twice (with one panel, the data is read once for the Gram
+    matrix and the components). `scaling` turns the statistics into the affine parameters of
+    `centre` (and sets the estimator's scaling attributes).
+    """
+    n, d = X.shape
+    steps, panels = gram_plan(chunk_bounds(X), d, batch_size)
+    pa, pb = panels[0]
+    panel = np.empty((pb - pa, d), np.float32)
+    stats = RunningStats(d)
+    for a, b, block in stream(X, steps, "statistics + first panel read"):
+        stats.add(block)
+        if b <= pb:
+            panel[a:b] = block
+    affine = scaling(stats.result())
+    centre(panel, affine, out=panel)
+    Xc = lazy_rows(X, affine)
     gram = np.empty((n, n))
-    panel = np.empty((0, d), np.float32)
     for pa, pb in panels:
-        del panel
-        panel = np.empty((pb - pa, d), np.float32)
-        for a, b, block in stream(Xc, [s for s in steps if pa <= s[0] < pb], "panel read"):
-            panel[a - pa : b - pa] = block
-        with timed("panel product"):
+        if pa > 0:
+            del panel
+            panel = np.empty((pb - pa, d), np.float32)
+            for a, b, block in stream(Xc, [s for s in steps if pa <= s[0] < pb], "panel read"):
+                panel[a - pa : b - pa] = block
+        with timed("panel product"):  # (OpenBLAS's syrk, half the multiply-adds, was no faster)
             gram[pa:pb, pa:pb] = panel @ panel.T
         for a, b, block in stream(Xc, [s for s in steps if s[0] >= pb], "cross products"):
             cross = panel @ block.T

@@ -37,6 +37,26 @@ class ColumnStats:
         )
 
 
+class RunningStats:
+    """min, max and mean of every column, accumulated block by block in this process: for a
+    pass that reads the rows anyway (the Gram fit's first panel), instead of a pass of its own."""
+
+    def __init__(self, d: int) -> None:
+        self.n = 0
+        self.data_min = np.full(d, np.inf)
+        self.data_max = np.full(d, -np.inf)
+        self.total = np.zeros(d)
+
+    def add(self, block: np.ndarray) -> None:
+        np.minimum(self.data_min, block.min(axis=0), out=self.data_min)
+        np.maximum(self.data_max, block.max(axis=0), out=self.data_max)
+        self.total += block.sum(axis=0, dtype=np.float64)
+        self.n += len(block)
+
+    def result(self) -> ColumnStats:
+        return ColumnStats(self.n, self.data_min, self.data_max, self.total / self.n, None)
+
+
 def inverse_range(data_min: np.ndarray, data_max: np.ndarray) -> np.ndarray:
     """1 / range per column, 1 for (near) constant columns, as MinMaxScaler does."""
     data_range = np.asarray(data_max, np.float64) - np.asarray(data_min, np.float64)
@@ -61,9 +81,10 @@ def column_stats(X: da.Array, with_m2: bool) -> ColumnStats:
     )
 
 
-def centre(block: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """Scale a raw block and subtract the scaled mean, in float32 (affine = min, scale, mean)."""
-    out = np.subtract(block, affine[0], dtype=np.float32)
+def centre(block: np.ndarray, affine: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Scale a raw block and subtract the scaled mean, in float32 (affine = min, scale, mean);
+    `out=block` does it in place."""
+    out = np.subtract(block, affine[0], out=out, dtype=np.float32)
     out *= affine[1]
     out -= affine[2]
     return out

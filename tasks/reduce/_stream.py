@@ -57,19 +57,26 @@ def _fetch(Xc: da.Array, a: int, b: int) -> np.ndarray:
     return np.asarray(Xc[a:b].compute(), dtype=np.float32)
 
 
-def log_phase(phase: str, seconds: float, waited: float = 0.0, rows: int = 0) -> None:
+def log_phase(phase: str, seconds: float, cpu: float, waited: float = 0.0, rows: int = 0) -> None:
     """One DEBUG line per pass or dense step, with the figures as record attributes
-    (`pca_phase`, `pca_seconds`, `pca_waited`, `pca_rows`) for benchmarks/reduce_profile.py."""
-    figures = {"pca_phase": phase, "pca_seconds": seconds, "pca_waited": waited, "pca_rows": rows}
+    (`pca_phase`, `pca_seconds`, `pca_cpu`: CPU seconds of the whole process, `pca_waited`,
+    `pca_rows`) for benchmarks/reduce_profile.py."""
+    figures = {
+        "pca_phase": phase,
+        "pca_seconds": seconds,
+        "pca_cpu": cpu,
+        "pca_waited": waited,
+        "pca_rows": rows,
+    }
     logger.debug("PCA %s: %.2f s (%.2f s on reads)", phase, seconds, waited, extra=figures)
 
 
 @contextmanager
 def timed(phase: str) -> Iterator[None]:
     """Time a step that is not a streaming pass (statistics, eigh, a product)."""
-    began = time.perf_counter()
+    began, cpu = time.perf_counter(), time.process_time()
     yield
-    log_phase(phase, time.perf_counter() - began)
+    log_phase(phase, time.perf_counter() - began, time.process_time() - cpu)
 
 
 def stream(
@@ -84,7 +91,7 @@ def stream(
     if not steps:
         return
     began = last_report = time.monotonic()
-    waited = 0.0
+    cpu, waited = time.process_time(), 0.0
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(_fetch, Xc, *steps[0])
         for i, (a, b) in enumerate(steps):
@@ -97,7 +104,8 @@ def stream(
                 last_report = time.monotonic()
                 logger.info("PCA pass: rows %d-%d of %d-%d read", a, b, steps[0][0], steps[-1][1])
             yield a, b, block
-    log_phase(phase, time.monotonic() - began, waited, steps[-1][1] - steps[0][0])
+    rows = steps[-1][1] - steps[0][0]
+    log_phase(phase, time.monotonic() - began, time.process_time() - cpu, waited, rows)
 
 
 class _SharedBlasLimit:

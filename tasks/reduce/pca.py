@@ -99,19 +99,18 @@ class ScaledPCA(ScaledPCABase):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         X = self._validate(X, fitting=True)
-        self._set_scaling(column_stats(X, with_m2=False))
-        Xc = lazy_rows(X, self._affine())
+        n, d = X.shape
+        self.solver_ = self.method if self.method == "randomized" or n < d else "covariance"
         with product_threads():
-            if self.method == "gram":
-                self.solver_ = "covariance" if X.shape[1] <= X.shape[0] else "gram"
+            if self.solver_ == "gram":  # reads its statistics with the first panel
+                fit = fit_gram(X, self.batch_size, self._scaling, self._needed)
+            else:
+                Xc = lazy_rows(X, self._scaling(column_stats(X, with_m2=False)))
                 fit = (
                     fit_covariance(Xc, self._needed)
                     if self.solver_ == "covariance"
-                    else fit_gram(Xc, self.batch_size, self._needed)
+                    else fit_randomized(Xc, self.n_components, self.random_state, self._needed)
                 )
-            else:
-                self.solver_ = "randomized"
-                fit = fit_randomized(Xc, self.n_components, self.random_state, self._needed)
         self._warn_if_short(self._finish(fit))
         self.method_ = self.method
         return self
