@@ -56,7 +56,7 @@ def classify_run(
     )
     rows = np.concatenate([train_rows, test_rows])
     pca_class_map_png(
-        projected[rows, :2],
+        projected[rows],
         labels[rows],
         len(train_rows),
         cumulative,

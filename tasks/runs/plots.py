@@ -8,6 +8,7 @@ not share pyplot's global figure state.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -15,6 +16,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
+from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
 from tasks.runs.folder import atomic_write
 
@@ -28,8 +30,8 @@ def _figure(width: float, height: float) -> Figure:
 
 def _save(figure: Figure, path: Path, dpi: int = 100, colours: int | None = None) -> Path:
     """Saved through a temp file: a run folder never holds half a PNG. With `colours`, the PNG
-    gets a palette of that many colours: photo thumbnails then take about a third of the bytes,
-    which matters for pictures embedded in Prefect artifacts."""
+    gets a palette of that many colours: a gallery or a scatter then takes about a third of
+    the bytes, which matters for pictures embedded in Prefect artifacts."""
     if colours is None:
         atomic_write(path, lambda temp: figure.savefig(temp, dpi=dpi))
         return Path(path)
@@ -132,38 +134,85 @@ def gallery_png(
     return _save(figure, path, dpi=80, colours=128)
 
 
+@dataclass(frozen=True)
+class MapPanel:
+    """One 2-D view of the rows for the class map."""
+
+    points: np.ndarray  # (n_rows, 2)
+    axis_labels: tuple[str, str]
+    title: str
+
+
 def class_map_png(
-    points: np.ndarray,
+    panels: Sequence[MapPanel],
     labels: np.ndarray,
     is_test: np.ndarray,
     class_names: list[str],
     path: Path,
-    axis_labels: tuple[str, str],
 ) -> Path:
-    """2-D scatter of rows coloured by class: training rows as dots, test rows as crosses."""
+    """2-D scatters of the same rows side by side, coloured by class: training rows as dots,
+    test rows as crosses."""
     colours = matplotlib.colormaps["tab10" if len(class_names) <= 10 else "tab20"]
-    figure = _figure(7.5, 5.5)
-    axes = figure.add_subplot()
-    for index, name in enumerate(class_names):
-        colour = colours(index % colours.N)
-        for test, marker, size in ((False, "o", 8), (True, "x", 14)):
-            chosen = (labels == index) & (is_test == test)
-            axes.scatter(
-                points[chosen, 0],
-                points[chosen, 1],
-                s=size,
-                marker=marker,
-                color=colour,
-                alpha=0.6,
-                linewidths=0.8 if test else 0,
-                label=None if test else name,
-            )
-    axes.scatter([], [], marker="x", color="black", label="test rows (x)")
-    axes.legend(loc="best", fontsize=8, markerscale=2)
-    axes.set_xlabel(axis_labels[0])
-    axes.set_ylabel(axis_labels[1])
-    axes.set_title("train (dots) and test (crosses) rows, coloured by true class")
-    return _save(figure, path)
+    figure = _figure(6.0 * len(panels), 5.5)
+    grid = figure.subplots(1, len(panels), squeeze=False)
+    for panel, axes in zip(panels, grid.flat, strict=True):
+        for index, name in enumerate(class_names):
+            colour = colours(index % colours.N)
+            for test, marker, size in ((False, "o", 8), (True, "x", 14)):
+                chosen = (labels == index) & (is_test == test)
+                axes.scatter(
+                    panel.points[chosen, 0],
+                    panel.points[chosen, 1],
+                    s=size,
+                    marker=marker,
+                    color=colour,
+                    alpha=0.6,
+                    linewidths=0.8 if test else 0,
+                    label=None if test else name,
+                )
+        axes.scatter([], [], marker="x", color="black", label="test rows (x)")
+        axes.legend(loc="best", fontsize=8, markerscale=2)
+        axes.set_xlabel(panel.axis_labels[0])
+        axes.set_ylabel(panel.axis_labels[1])
+        axes.set_title(panel.title, fontsize=10)
+    figure.suptitle("train (dots) and test (crosses) rows, coloured by true class")
+    return _save(figure, path, colours=256)
+
+
+def _two_columns(values: np.ndarray) -> np.ndarray:
+    """The first two columns; a single one is drawn against zero."""
+    points = np.zeros((len(values), 2))
+    points[:, : min(2, values.shape[1])] = values[:, :2]
+    return points
+
+
+def class_map_panels(
+    components: np.ndarray, labels: np.ndarray, n_train: int, cumulative_ratio: Sequence[float]
+) -> list[MapPanel]:
+    """Two views of the rows' PCA components (train rows first, then test): the first two
+    components (where the variance is; classes need not separate there) and the linear
+    discriminants fitted on the training rows (the directions that separate the classes best,
+    so test rows far from their class show what a linear model gets wrong)."""
+    labels = np.asarray(labels)
+    kept = min(2, components.shape[1])
+    shares = np.diff(np.asarray(cumulative_ratio, dtype=float)[:kept], prepend=0.0)
+    pca = MapPanel(
+        _two_columns(components),
+        tuple(
+            f"PC{i + 1} ({shares[i]:.1%} of variance)" if i < kept else f"PC{i + 1} (not kept)"
+            for i in range(2)
+        ),
+        "first two PCA components",
+    )
+    n_discriminants = min(2, len(np.unique(labels[:n_train])) - 1, components.shape[1])
+    lda = LinearDiscriminantAnalysis(n_components=n_discriminants)
+    lda.fit(components[:n_train], labels[:n_train])
+    discriminants = MapPanel(
+        _two_columns(lda.transform(components)),
+        tuple(f"LD{i + 1}" if i < n_discriminants else f"LD{i + 1} (none)" for i in range(2)),
+        "linear discriminants of the training rows",
+    )
+    return [pca, discriminants]
 
 
 def pca_class_map_png(
@@ -174,15 +223,7 @@ def pca_class_map_png(
     class_names: list[str],
     path: Path,
 ) -> Path:
-    """The class map on the first two PCA components of the rows (train rows first, then test;
-    a single component is drawn against zero), axes labelled with their share of variance."""
-    kept = min(2, components.shape[1])
-    points = np.zeros((len(components), 2))
-    points[:, :kept] = components[:, :kept]
-    shares = np.diff(np.asarray(cumulative_ratio, dtype=float)[:kept], prepend=0.0)
-    axis_labels = tuple(
-        f"PC{i + 1} ({shares[i]:.1%} of variance)" if i < kept else f"PC{i + 1} (not kept)"
-        for i in range(2)
-    )
-    is_test = np.arange(len(points)) >= n_train
-    return class_map_png(points, np.asarray(labels), is_test, class_names, path, axis_labels)
+    """class_map_png of the class_map_panels views."""
+    panels = class_map_panels(components, labels, n_train, cumulative_ratio)
+    is_test = np.arange(len(components)) >= n_train
+    return class_map_png(panels, np.asarray(labels), is_test, class_names, path)

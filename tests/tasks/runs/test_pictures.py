@@ -16,10 +16,10 @@ from tasks.data.scan import scan
 from tasks.data.splits import split_rows
 from tasks.features.extract import ExtractSettings, extract
 from tasks.features.store import FeatureStore
-from tasks.reduce.stage import PcaSettings, reduce_cached
+from tasks.reduce.stage import PcaSettings, load_projected, reduce_cached
 from tasks.runs import markdown
 from tasks.runs.gallery import GALLERY_CAP, mistakes_by_confidence
-from tasks.runs.plots import pca_class_map_png
+from tasks.runs.plots import class_map_panels, pca_class_map_png
 from tasks.runs.schema import RunReport
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -53,7 +53,7 @@ def test_every_run_has_a_class_map_and_galleries(digits_run) -> None:
     for file in ("class_map.png", "gallery_logreg.png", "gallery_knn.png"):
         assert (run_dir / file).read_bytes().startswith(PNG_MAGIC), file
     with Image.open(run_dir / "class_map.png") as image:
-        assert image.size == (750, 550)  # 7.5 x 5.5 in at 100 dpi: small enough to embed
+        assert image.size == (1200, 550)  # two 6 x 5.5 in panels at 100 dpi
 
 
 def test_gallery_order_and_cap() -> None:
@@ -93,6 +93,32 @@ def test_pictures_over_the_budget_are_named_not_embedded(digits_run, monkeypatch
 def test_report_round_trips_through_json(digits_run) -> None:
     _, report, _ = digits_run
     assert RunReport.from_json(report.to_json()) == report
+
+
+def _centroid_accuracy(points: np.ndarray, labels: np.ndarray) -> float:
+    """Share of rows nearest to their own class's centroid: how well a view separates."""
+    centroids = np.stack([points[labels == c].mean(axis=0) for c in np.unique(labels)])
+    nearest = np.argmin(((points[:, None, :] - centroids[None]) ** 2).sum(axis=2), axis=1)
+    return float(np.mean(nearest == labels))
+
+
+def test_class_map_views(digits_tree: Path, digits_run) -> None:
+    """The discriminant view separates the digits far better than the first two components."""
+    run_dir, report, n_test = digits_run
+    store = FeatureStore(str(run_dir.parents[1] / "store"))
+    projected, attrs = load_projected(store, report.keys["reduction"])
+    manifest = scan(digits_tree)
+    train, test = split_rows(manifest, "stratified", 0.3, 0)
+    rows = np.concatenate([train, test])
+    labels = np.asarray(manifest.labels)[rows]
+    pca, lda = class_map_panels(
+        projected[rows], labels, len(train), attrs["pca"]["cumulative_variance_ratio"]
+    )
+    np.testing.assert_allclose(pca.points, projected[rows, :2])
+    assert pca.axis_labels[0].startswith("PC1 (") and lda.axis_labels == ("LD1", "LD2")
+    n = len(train)
+    separated, mixed = (_centroid_accuracy(p.points[:n], labels[:n]) for p in (lda, pca))
+    assert separated > mixed + 0.2, (separated, mixed)
 
 
 def test_class_map_with_a_single_component(tmp_path: Path) -> None:
