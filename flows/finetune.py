@@ -1,8 +1,8 @@
 """Prefect flow for fine-tuning: scan -> split -> fine-tune (resumable) -> run folder.
 
-Thin wiring over tasks.finetune.training: the flow adds the Prefect logger, a progress artifact per
-epoch and the run's summary artifacts; `resume` continues an interrupted run with its own
-saved settings.
+Thin wiring over tasks.finetune (settings, data, model, training): the flow adds the Prefect
+logger, a progress artifact per epoch and the run's summary artifacts; `resume` continues an
+interrupted run with its own saved settings.
 """
 
 from __future__ import annotations
@@ -23,12 +23,8 @@ from flows.pipeline import publish_run, scan_task
 from flows.settings import DataSettings, SettingsError, comma_list, stage_settings
 from tasks.data.scan import Manifest
 from tasks.data.splits import split_rows
-from tasks.finetune.training import (
-    EpochLog,
-    FinetuneSettings,
-    read_state,
-    run_finetune,
-)
+from tasks.finetune.settings import FinetuneSettings
+from tasks.finetune.training import EpochLog, read_state, run_finetune
 from tasks.runs.folder import is_finished, new_run_id
 from tasks.runs.schema import RunReport
 

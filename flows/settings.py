@@ -1,7 +1,7 @@
 """One validated settings model per flow, composed of the stages' own settings.
 
 Each stage declares its settings once, with defaults and constraints (tasks.backbones.settings,
-tasks.features.extract, tasks.reduce.stage, tasks.finetune.training); a flow's model inherits
+tasks.features.extract, tasks.reduce.stage, tasks.finetune.settings); a flow's model inherits
 from the stages it runs, so flags, config files, the Prefect form and report.json all keep one
 flat set of names. Pydantic gives users precise messages for bad values and the Prefect UI a
 typed form.
@@ -112,7 +112,8 @@ class ClassifierSettings(BaseModel):
 class PipelineSettings(ClassifierSettings, PcaSettings, ExtractSettings, DataSettings):
     """Every knob of a featurepipe run, with the original notebook's choices as defaults.
 
-    (Fields come in reverse base order: data first. PCA's method is `pca_method` only here.)
+    Pydantic orders fields from the last base to the first, so forms and reports read data,
+    backbone and extraction, PCA, classifiers; PCA's method is accepted only as `pca_method`.
     """
 
     model_config = ConfigDict(validate_by_name=False)

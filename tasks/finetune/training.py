@@ -1,9 +1,9 @@
-"""Fine-tune a keras.applications backbone end to end: a frozen-base phase, then a partial unfreeze.
+"""Fine-tune a backbone end to end: a frozen-base phase, then a partial unfreeze; resumable.
 
-Images stream from disk through tf.data with the same Pillow decoding as extraction, so the
-dataset is never held in memory. Every epoch writes a full "last" checkpoint and a small state
-file, so a killed training resumes where it stopped; the best model by val_loss is evaluated on
-the test rows and written as an ordinary run folder. TensorFlow is imported lazily.
+Every epoch writes a full "last" checkpoint and a small state file, so a killed training
+resumes where it stopped; the best model by val_loss is evaluated on the test rows and written
+as an ordinary run folder, and predicts new images the way it was trained. Input pipelines
+live in data.py, the model in model.py; TensorFlow is imported lazily.
 """
 
 from __future__ import annotations
@@ -16,22 +16,16 @@ import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import Field, model_validator
 
-from tasks.backbones.registry import (
-    BackboneError,
-    get_spec,
-    load_preprocess,
-    resolve_weights,
-)
-from tasks.backbones.settings import BackboneSettings
-from tasks.classify.models import ClassifierResult, classification_metrics, validation_split
+from tasks.backbones.registry import get_spec, load_preprocess, resolve_weights
+from tasks.classify.models import ClassifierResult, classification_metrics
 from tasks.data.scan import Manifest
 from tasks.data.splits import rows_key
-from tasks.errors import UserError
+from tasks.finetune.data import augmentation, image_dataset, validation_rows
+from tasks.finetune.model import build_finetune_model, compile_model, unfreeze
+from tasks.finetune.settings import FinetuneError, FinetuneSettings, resolved
 from tasks.runs.folder import atomic_write, load_model, read_report
 from tasks.runs.report import write_run
 from tasks.runs.schema import RunReport
@@ -39,52 +33,8 @@ from tasks.runs.schema import RunReport
 MODEL_NAME = "finetune"  # the classifier name in report.json, beside svm, logreg, ...
 CHECKPOINTS = "checkpoints"
 BEST_FILE, LAST_FILE, STATE_FILE = "best.keras", "last.keras", "state.json"
-OPTIMIZERS = ("adam", "adamw", "nadam", "rmsprop", "sgd")
-FLIP_MODES = ("none", "horizontal", "vertical", "horizontal_and_vertical")
 
 logger = logging.getLogger(__name__)
-
-
-class FinetuneError(UserError):
-    """Fine-tuning cannot start or resume with these settings; the message says why."""
-
-
-class FinetuneSettings(BackboneSettings):
-    """Everything that decides the fine-tuned model (data selection is the caller's)."""
-
-    head: tuple[Annotated[int, Field(ge=1)], ...] = Field(
-        (512, 64), description="Dense(relu) widths after global average pooling"
-    )
-    dropout: float = Field(0.3, ge=0.0, lt=1.0, description="After every hidden Dense layer")
-    batch_norm: bool = Field(
-        False,
-        description="BatchNormalization after pooling: VGG-style pooled features are "
-        "unnormalised (hed-vgg16 reaches ~190) and can stall the ReLU head",
-    )
-    optimizer: Literal[OPTIMIZERS] = "adam"
-    phase1_epochs: int = Field(10, ge=0, description="Epochs with the base frozen")
-    phase1_learning_rate: float = Field(1e-3, gt=0.0)
-    phase2_epochs: int = Field(10, ge=0, description="Epochs with the top of the base trained")
-    phase2_learning_rate: float = Field(1e-5, gt=0.0)
-    unfreeze_last: int = Field(4, ge=0, description="Base layers trained in phase 2")
-    unfreeze_from: str | None = Field(
-        None, description="Or: train every layer from this one (wins if given)"
-    )
-    patience: int = Field(5, ge=1, description="Early stopping on val_loss, per phase")
-    validation_fraction: float = Field(
-        0.2, gt=0.0, lt=1.0, description="Of the training rows, when there is no valid/ tree"
-    )
-    flip: Literal[FLIP_MODES] = "horizontal"
-    rotation: float = Field(0.05, ge=0.0, le=1.0, description="Fraction of a full turn; 0: off")
-    zoom: float = Field(0.1, ge=0.0, lt=1.0)
-    translation: float = Field(0.1, ge=0.0, lt=1.0)
-    contrast: float = Field(0.1, ge=0.0, le=1.0)
-
-    @model_validator(mode="after")
-    def _trains(self):
-        if self.phase1_epochs + self.phase2_epochs == 0:
-            raise ValueError("at least one epoch is needed (phase1_epochs + phase2_epochs)")
-        return self
 
 
 @dataclass
@@ -129,174 +79,6 @@ def _log_epoch(entry: EpochLog) -> None:
         ", ".join(f"{k} {v:.4f}" for k, v in entry.metrics.items()),
         entry.seconds,
     )
-
-
-def resolved(settings: FinetuneSettings) -> FinetuneSettings:
-    """Settings with the image size filled in, as stored in state and report."""
-    spec = get_spec(settings.backbone)
-    size = settings.image_size or spec.default_size
-    return settings.model_copy(update={"backbone": spec.name, "image_size": size})
-
-
-def augmentation(settings: FinetuneSettings):
-    """Keras preprocessing layers for the training batches, or None when all are off.
-
-    They run inside tf.data on 0..255 images, before preprocess_input: RandomContrast clips
-    to that range, so it must see the raw pixels, and validation/test pipelines skip it.
-    """
-    import keras
-
-    seed = settings.seed
-    layers = []
-    if settings.flip != "none":
-        layers.append(keras.layers.RandomFlip(settings.flip, seed=seed))
-    if settings.rotation:
-        layers.append(keras.layers.RandomRotation(settings.rotation, seed=seed + 1))
-    if settings.zoom:
-        layers.append(keras.layers.RandomZoom(settings.zoom, seed=seed + 2))
-    if settings.translation:
-        layers.append(
-            keras.layers.RandomTranslation(
-                settings.translation, settings.translation, seed=seed + 3
-            )
-        )
-    if settings.contrast:
-        layers.append(keras.layers.RandomContrast(settings.contrast, seed=seed + 4))
-    return keras.Sequential(layers, name="augmentation") if layers else None
-
-
-def image_dataset(
-    paths: Sequence[str | Path],
-    labels: Sequence[int] | None,
-    image_size: int,
-    preprocess: Callable,
-    batch_size: int,
-    *,
-    augment=None,
-    shuffle_seed: int | None = None,
-):
-    """A tf.data pipeline from files: (shuffle paths) -> parallel Pillow decode -> batch ->
-    (augment) -> preprocess_input -> prefetch. Only paths sit in memory, never the images."""
-    import tensorflow as tf
-
-    from tasks.data.images import load_rgb
-
-    columns = [tf.constant([str(p) for p in paths])]
-    if labels is not None:
-        columns.append(tf.constant(np.asarray(labels, dtype=np.int32)))
-    dataset = tf.data.Dataset.from_tensor_slices(tuple(columns))
-    if shuffle_seed is not None:
-        dataset = dataset.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
-
-    def decode(path, *rest):
-        image = tf.py_function(
-            lambda p: load_rgb(p.numpy().decode(), image_size), [path], tf.float32
-        )
-        image.set_shape((image_size, image_size, 3))
-        return (image, *rest)
-
-    auto = tf.data.AUTOTUNE
-    dataset = dataset.map(decode, num_parallel_calls=auto).batch(batch_size)
-    if augment is not None:
-        dataset = dataset.map(
-            lambda x, *rest: (augment(x, training=True), *rest), num_parallel_calls=auto
-        )
-    dataset = dataset.map(lambda x, *rest: (preprocess(x), *rest), num_parallel_calls=auto)
-    return dataset.prefetch(auto)
-
-
-def build_finetune_model(settings: FinetuneSettings, n_classes: int):
-    """Backbone (frozen, for phase 1) -> GlobalAveragePooling -> (BatchNormalization) ->
-    [Dense relu, Dropout]* -> softmax.
-
-    `settings` must be resolved(); an unknown unfreeze_from layer fails here, before training.
-    """
-    import keras
-
-    from tasks.backbones.registry import build_base
-
-    spec = get_spec(settings.backbone)
-    keras.utils.set_random_seed(settings.seed)
-    base = build_base(
-        spec, resolve_weights(spec, settings.weights, settings.seed), settings.image_size
-    )
-    phase2_layers(base, settings)
-    base.trainable = False
-    inputs = keras.Input((settings.image_size, settings.image_size, 3), name="image")
-    x = keras.layers.GlobalAveragePooling2D(name="head_pool")(base(inputs))
-    if settings.batch_norm:
-        x = keras.layers.BatchNormalization(name="head_norm")(x)
-    for i, units in enumerate(settings.head, start=1):
-        x = keras.layers.Dense(units, activation="relu", name=f"head_dense{i}")(x)
-        x = keras.layers.Dropout(settings.dropout, seed=settings.seed + i, name=f"head_dropout{i}")(
-            x
-        )
-    outputs = keras.layers.Dense(n_classes, activation="softmax", name="head_softmax")(x)
-    return keras.Model(inputs, outputs, name=f"{spec.name}_finetune")
-
-
-def phase2_layers(base, settings: FinetuneSettings) -> list:
-    """The base layers phase 2 trains: from `unfreeze_from` on, else the last `unfreeze_last`.
-
-    BatchNormalization layers are left out: trainable=False keeps them in inference mode, so
-    small fine-tuning batches do not wreck their ImageNet statistics.
-    """
-    import keras
-
-    layers = base.layers[1:]  # [0] is the input layer
-    if settings.unfreeze_from:
-        names = [layer.name for layer in layers]
-        if settings.unfreeze_from not in names:
-            raise BackboneError(
-                f"unknown layer {settings.unfreeze_from!r} for "
-                f"{settings.backbone}; layers: {', '.join(names)}"
-            )
-        chosen = layers[names.index(settings.unfreeze_from) :]
-    else:
-        chosen = layers[len(layers) - settings.unfreeze_last :] if settings.unfreeze_last else []
-    return [layer for layer in chosen if not isinstance(layer, keras.layers.BatchNormalization)]
-
-
-def _base(model):
-    import keras
-
-    return next(layer for layer in model.layers if isinstance(layer, keras.Model))
-
-
-def _compile(model, settings: FinetuneSettings, learning_rate: float) -> None:
-    import keras
-
-    optimizer = keras.optimizers.get(
-        {"class_name": settings.optimizer, "config": {"learning_rate": learning_rate}}
-    )
-    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-
-
-def _unfreeze(model, settings: FinetuneSettings) -> int:
-    """Switch the model to phase 2: train the chosen base layers; returns how many."""
-    base = _base(model)
-    chosen = phase2_layers(base, settings)
-    base.trainable = True
-    for layer in base.layers:
-        layer.trainable = False
-    for layer in chosen:
-        layer.trainable = True
-    _compile(model, settings, settings.phase2_learning_rate)
-    return len(chosen)
-
-
-def validation_rows(
-    manifest: Manifest, train_rows: np.ndarray, fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """(fit_rows, val_rows): the dataset's own valid/ rows if the training rows hold any,
-    else a seeded split of the training rows, stratified when the classes allow it."""
-    train_rows = np.asarray(train_rows)
-    splits = np.asarray([manifest.records[i].split for i in train_rows])
-    if (splits == "valid").any():
-        return train_rows[splits != "valid"], train_rows[splits == "valid"]
-    labels = np.asarray(manifest.labels)[train_rows]
-    fit, val, _, _ = validation_split(train_rows, labels, fraction, seed)
-    return np.sort(fit), np.sort(val)
 
 
 def read_state(run_dir: Path) -> TrainState | None:
@@ -426,7 +208,7 @@ def train(
             _save_state(run_dir, state)
             continue
         if state.phase == 2 and state.phase_epoch == 0:
-            count = _unfreeze(model, settings)
+            count = unfreeze(model, settings)
             logger.info(
                 "phase 2: %d base layers trainable, learning rate %g",
                 count,
@@ -498,7 +280,7 @@ def run_finetune(
         state = TrainState(settings=stored, keys=keys, run_settings=report_settings)
         (run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
         model = build_finetune_model(settings, len(manifest.class_names))
-        _compile(model, settings, settings.phase1_learning_rate)
+        compile_model(model, settings, settings.phase1_learning_rate)
     else:
         logger.info(
             "resuming %s at epoch %d (phase %d)", run_dir.name, state.epoch + 1, state.phase

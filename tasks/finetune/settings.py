@@ -1,0 +1,66 @@
+"""What decides a fine-tuned model: the backbone settings plus head, phases and augmentation.
+
+Declared once, with every constraint, for Python callers and the flow's settings alike.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from tasks.backbones.registry import get_spec
+from tasks.backbones.settings import BackboneSettings
+from tasks.errors import UserError
+
+OPTIMIZERS = ("adam", "adamw", "nadam", "rmsprop", "sgd")
+FLIP_MODES = ("none", "horizontal", "vertical", "horizontal_and_vertical")
+
+
+class FinetuneError(UserError):
+    """Fine-tuning cannot start or resume with these settings; the message says why."""
+
+
+class FinetuneSettings(BackboneSettings):
+    """Everything that decides the fine-tuned model (data selection is the caller's)."""
+
+    head: tuple[Annotated[int, Field(ge=1)], ...] = Field(
+        (512, 64), description="Dense(relu) widths on the pooled base output"
+    )
+    dropout: float = Field(0.3, ge=0.0, lt=1.0, description="After every hidden Dense layer")
+    batch_norm: bool = Field(
+        False,
+        description="BatchNormalization after pooling: VGG-style pooled features are "
+        "unnormalised (hed-vgg16 reaches ~190) and can stall the ReLU head",
+    )
+    optimizer: Literal[OPTIMIZERS] = "adam"
+    phase1_epochs: int = Field(10, ge=0, description="Epochs with the base frozen")
+    phase1_learning_rate: float = Field(1e-3, gt=0.0)
+    phase2_epochs: int = Field(10, ge=0, description="Epochs with the top of the base trained")
+    phase2_learning_rate: float = Field(1e-5, gt=0.0)
+    unfreeze_last: int = Field(4, ge=0, description="Base layers trained in phase 2")
+    unfreeze_from: str | None = Field(
+        None, description="Or: train every layer from this one (wins if given)"
+    )
+    patience: int = Field(5, ge=1, description="Early stopping on val_loss, per phase")
+    validation_fraction: float = Field(
+        0.2, gt=0.0, lt=1.0, description="Of the training rows, when there is no valid/ tree"
+    )
+    flip: Literal[FLIP_MODES] = "horizontal"
+    rotation: float = Field(0.05, ge=0.0, le=1.0, description="Fraction of a full turn; 0: off")
+    zoom: float = Field(0.1, ge=0.0, lt=1.0)
+    translation: float = Field(0.1, ge=0.0, lt=1.0)
+    contrast: float = Field(0.1, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _trains(self):
+        if self.phase1_epochs + self.phase2_epochs == 0:
+            raise ValueError("at least one epoch is needed (phase1_epochs + phase2_epochs)")
+        return self
+
+
+def resolved(settings: FinetuneSettings) -> FinetuneSettings:
+    """Settings with the image size filled in, as stored in state and report."""
+    spec = get_spec(settings.backbone)
+    size = settings.image_size or spec.default_size
+    return settings.model_copy(update={"backbone": spec.name, "image_size": size})
