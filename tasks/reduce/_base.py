@@ -103,6 +103,8 @@ class ScaledPCABase(BaseEstimator):
         method_ "incremental", else `ScaledPCA`), whichever class this is called on."""
         if attrs.get("version") != STATE_VERSION:
             raise ValueError(f"unsupported ScaledPCA state version {attrs.get('version')!r}")
+        import tasks.reduce.pca  # noqa: F401  (defines, and so registers, every kind)
+
         kind = ScaledPCABase._kinds[attrs["method_"]]
         a = {k: np.asarray(v[...]) for k, v in arrays.items()}
         names = kind._get_param_names()  # states written before the split carry more params

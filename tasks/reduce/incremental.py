@@ -61,9 +61,8 @@ class ScaledIncrementalPCA(ScaledPCABase):
         batch = self._batch()
         while True:
             needed = self._update(X, True, batch)
-            if needed <= self.n_components_ or self.batch_size is not None:
-                break
-            if batch >= X.shape[0] - 1:
+            met = needed <= self.n_components_
+            if met or self.batch_size is not None or batch >= X.shape[0] - 1:
                 break
             logger.info(
                 "incremental PCA: %d directions explain %.4f of the variance, short of the %s "

@@ -30,9 +30,8 @@ from tasks.reduce._stream import product_threads
 from tasks.reduce.incremental import ScaledIncrementalPCA
 
 METHODS = ("gram", "randomized")
-ALL_METHODS = (*METHODS, "incremental")  # what the reduce stage can run
 
-__all__ = ["ALL_METHODS", "METHODS", "ScaledIncrementalPCA", "ScaledPCA", "ScaledPCABase"]
+__all__ = ["METHODS", "ScaledIncrementalPCA", "ScaledPCA", "ScaledPCABase"]
 
 
 class ScaledPCA(ScaledPCABase):
