@@ -128,6 +128,11 @@ def build_model(
     )
 
 
+def output_widths(model) -> list[int]:
+    """Features per image of each model output (one output per cut layer)."""
+    return [int(np.prod(output.shape[1:])) for output in model.outputs]
+
+
 def plan_extraction(manifest: Manifest, settings: ExtractSettings) -> ExtractPlan:
     """Resolve names, sizes and weights and derive one content key per layer."""
     spec, weights, size = resolve_backbone(settings)
@@ -222,8 +227,13 @@ def _extract_locked(
             keys, n_rows, 0, n_rows, time.perf_counter() - began, n_features=n_features
         )
 
-    model = build_model(plan.spec, plan.weights, plan.image_size, needed, settings)
-    widths = [int(np.prod(output.shape[1:])) for output in model.outputs]
+    if client is None:
+        model = build_model(plan.spec, plan.weights, plan.image_size, needed, settings)
+        widths = output_widths(model)
+    else:  # a worker builds the backbone (and keeps it for its units): no TensorFlow here
+        from tasks.features.on_cluster import cluster_widths
+
+        widths = cluster_widths(client, settings, plan.weights.identity, needed)
     arrays = [
         store.create_feature_array(
             keys[layer],
@@ -245,7 +255,6 @@ def _extract_locked(
         predict = model.predict_on_batch
         computed = _run_units(predict, plan, settings, store, arrays, units, progress)
     else:
-        del model  # each worker builds its own, once
         from tasks.features.on_cluster import run_on_cluster
 
         identity = plan.weights.identity

@@ -27,6 +27,7 @@ from tasks.features.extract import (
     Unit,
     build_model,
     compute_unit,
+    output_widths,
     prefetched,
     resolve_backbone,
     unit_batches,
@@ -42,6 +43,7 @@ class WorkerBackbone:
     predict: Callable[[np.ndarray], object]
     image_size: int
     preprocess: Callable
+    widths: list[int]  # features per image of each layer
 
 
 # Per worker process: at most one backbone (a second would double its memory) and one opened
@@ -102,7 +104,8 @@ def worker_backbone(
                 with lock:
                     return model.predict_on_batch(batch)
 
-            _BACKBONES[key] = WorkerBackbone(predict, size, load_preprocess(spec))
+            widths = output_widths(model)
+            _BACKBONES[key] = WorkerBackbone(predict, size, load_preprocess(spec), widths)
         return _BACKBONES[key]
 
 
@@ -144,6 +147,28 @@ def extract_unit(
     return len(unit.rows)
 
 
+def _host_workers(client) -> dict[str, int]:
+    """Workers per host as the scheduler sees them now (for each worker's thread count)."""
+    workers = client.scheduler_info()["workers"].values()
+    return dict(Counter(info["host"] for info in workers))
+
+
+def _widths_task(
+    settings: ExtractSettings, identity: str, layers: list[str], host_workers: dict[str, int]
+) -> list[int]:
+    threads = worker_threads(host_workers)
+    return worker_backbone(settings, layers, identity, threads).widths
+
+
+def cluster_widths(
+    client, settings: ExtractSettings, identity: str, layers: Sequence[str]
+) -> list[int]:
+    """Feature widths from a backbone built on a worker, which keeps it for its units: the
+    client never builds one (nor imports TensorFlow) to size the arrays."""
+    future = client.submit(_widths_task, settings, identity, list(layers), _host_workers(client))
+    return future.result()
+
+
 def run_on_cluster(
     client,
     store: FeatureStore,
@@ -163,8 +188,7 @@ def run_on_cluster(
 
     if not units:
         return 0
-    workers = client.scheduler_info()["workers"].values()
-    host_workers = dict(Counter(info["host"] for info in workers))
+    host_workers = _host_workers(client)
     futures = client.map(
         extract_unit,
         units,
