@@ -113,6 +113,7 @@ def extract_settings_of(report: RunReport) -> ExtractSettings:
         image_size=settings.get("image_size"),
         pooling=settings.get("pooling"),
         dtype=settings.get("dtype", "float32"),
+        precision=settings.get("precision", "float32"),
         seed=settings.get("seed", 0),
     )
 

@@ -17,8 +17,8 @@ from tasks.data.unlabelled import UNLABELLED, scan_for_prediction
 from tasks.features.extract import ExtractSettings, extract
 from tasks.features.store import FeatureStore
 from tasks.reduce.stage import PcaSettings, load_projected, reduce_cached
-from tasks.runs.folder import ModelIntegrityError, load_model
-from tasks.runs.predict import PredictError, plan_prediction, predict_folder
+from tasks.runs.folder import ModelIntegrityError, load_model, read_report
+from tasks.runs.predict import PredictError, extract_settings_of, plan_prediction, predict_folder
 from tests.conftest import write_image
 
 SETTINGS = ExtractSettings(
@@ -134,3 +134,10 @@ def test_flat_folder_scan_skips_non_images(tmp_path: Path) -> None:
     assert [r.path for r in manifest.records] == ["a.png"]
     assert [s.path for s in manifest.skipped] == ["notes.txt"]
     assert np.array_equal(manifest.labels, [0])
+
+
+def test_prediction_extracts_with_the_runs_precision(trained: dict) -> None:
+    report = read_report(trained["run_dir"])
+    assert extract_settings_of(report).precision == "float32"
+    report.settings["precision"] = "bfloat16"  # a run whose features were made in bfloat16
+    assert extract_settings_of(report).precision == "bfloat16"
