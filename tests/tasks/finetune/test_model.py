@@ -1,16 +1,19 @@
 """Fine-tuning works for every backbone in the registry, whatever its base ends with (a feature
-map, or a pooled vector like Lite0's): one tiny epoch each, random weights, smallest input."""
+map, or a pooled vector like Lite0's): every backbone builds its model and classifies a batch;
+one of each kind trains a tiny epoch end to end (random weights, smallest input)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tasks.backbones.registry import BACKBONES
 from tasks.data.scan import scan
 from tasks.data.splits import split_rows
-from tasks.finetune.settings import FinetuneSettings
+from tasks.finetune.model import build_finetune_model
+from tasks.finetune.settings import FinetuneSettings, resolved
 from tasks.finetune.training import run_finetune
 from tests.conftest import write_image
 
@@ -25,11 +28,9 @@ def few_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(BACKBONES))
-def test_every_backbone_fine_tunes(name: str, few_images: Path, tmp_path: Path) -> None:
+def _tiny(name: str) -> FinetuneSettings:
     spec = BACKBONES[name]
-    settings = FinetuneSettings(
+    return FinetuneSettings(
         backbone=name,
         weights="none",
         image_size=spec.min_size,
@@ -45,6 +46,27 @@ def test_every_backbone_fine_tunes(name: str, few_images: Path, tmp_path: Path) 
         translation=0,
         contrast=0,
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_every_backbone_builds_a_model_that_classifies(name: str) -> None:
+    settings = resolved(_tiny(name))
+    model = build_finetune_model(settings, n_classes=3)
+    images = np.random.default_rng(0).uniform(
+        0, 255, (2, settings.image_size, settings.image_size, 3)
+    )
+    scores = np.asarray(model(images.astype("float32")))
+    assert scores.shape == (2, 3)
+    np.testing.assert_allclose(scores.sum(axis=1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["vgg16", "efficientnet-lite0"])  # a feature map; a pooled vector
+def test_feature_map_and_pooled_bases_fine_tune(
+    name: str, few_images: Path, tmp_path: Path
+) -> None:
+    settings = _tiny(name)
     manifest = scan(few_images)
     train, test = split_rows(manifest, "stratified", 0.25, seed=0)
     report = run_finetune(manifest, train, test, settings, tmp_path / "run")
