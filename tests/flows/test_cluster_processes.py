@@ -66,7 +66,12 @@ def _featurepipe(
 
 
 def _summary(process: subprocess.Popen, timeout: float = 300) -> dict:
-    out, err = process.communicate(timeout=timeout)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()  # e.g. waiting forever for a task pinned to a dead worker
+        process.wait()
+        raise
     assert process.returncode == 0, err[-3000:]
     return json.loads(out)
 
