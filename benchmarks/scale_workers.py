@@ -1,19 +1,29 @@
-"""Extraction images/s with 1 vs N Dask worker processes (each owns whole chunks), one run.
+"""Extraction images/s with 1 vs N Dask worker processes, and a worker that joins mid-run.
 
-On one machine N workers share its cores, so the gain is bounded by how well one TensorFlow
-process already uses them; across machines, throughput grows with the workers' total cores.
+Extraction is one unpinned task per unit of whole chunks, so the scheduler balances the units
+over the workers and hands some to a worker that joins late. Tasks per worker are counted from
+the scheduler's task stream (`distributed.get_task_stream`). On one machine N workers share
+its cores (each gets cores / N TensorFlow threads), so the gain is bounded by how well one
+TensorFlow process already uses them; across machines throughput grows with the workers' cores.
 
-    .venv/bin/python -m benchmarks.scale_workers --images 96 --workers 2
+    .venv/bin/python -m benchmarks.scale_workers --images 96 --workers 2 --join-after 20
 """
 
 from __future__ import annotations
 
 import argparse
 import tempfile
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 from benchmarks.common import image_folder
+
+
+def _tasks_per_worker(stream) -> dict[str, int]:
+    counts = Counter(t["worker"] for t in stream.data if t["key"].startswith("extract-unit"))
+    return dict(sorted(counts.items()))
 
 
 def main() -> None:
@@ -22,7 +32,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--layer", default="block5_pool")
     parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument(
+        "--join-after", type=float, help="also: start with 1 worker, add a 2nd after this many s"
+    )
     args = parser.parse_args()
+    from distributed import get_task_stream
+
     from tasks.cluster import dask_client
     from tasks.data.scan import scan
     from tasks.features.extract import ExtractSettings, extract
@@ -37,18 +52,40 @@ def main() -> None:
         image_size=args.image_size,
         chunk_mb=1.0,
     )
-    print(f"{args.images} images, VGG16 {args.layer} {args.image_size}px; {work}")
+    print(f"{args.images} images, VGG16 {args.layer} {args.image_size}px; {work}", flush=True)
     for workers in (1, args.workers):
         store = FeatureStore(str(work / f"store-{workers}"))
         with dask_client(workers=workers, threads_per_worker=1) as client:
-            began = time.perf_counter()
-            result = extract(manifest, store, settings, client=client)
-            seconds = time.perf_counter() - began
+            with get_task_stream(client) as stream:
+                began = time.perf_counter()
+                result = extract(manifest, store, settings, client=client)
+                seconds = time.perf_counter() - began
         print(
             f"{workers} worker(s): {result.images_computed / seconds:6.2f} images/s "
-            f"({seconds:.1f} s including each worker building its backbone)",
+            f"({seconds:.1f} s including each worker building its backbone); "
+            f"unit tasks per worker {_tasks_per_worker(stream)}",
             flush=True,
         )
+    if args.join_after is None:
+        return
+    store = FeatureStore(str(work / "store-join"))
+    with dask_client(workers=1, threads_per_worker=1) as client:
+        first = set(client.scheduler_info()["workers"])
+        with get_task_stream(client) as stream:
+            run = threading.Thread(
+                target=lambda: extract(manifest, store, settings, client=client), daemon=True
+            )
+            run.start()
+            time.sleep(args.join_after)
+            client.cluster.scale(2)
+            run.join()
+        counts = _tasks_per_worker(stream)
+    joined = {worker: n for worker, n in counts.items() if worker not in first}
+    print(
+        f"1 worker, a 2nd added after {args.join_after:.0f} s: unit tasks per worker {counts}; "
+        f"the late worker ran {sum(joined.values())} of {sum(counts.values())}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":
