@@ -24,6 +24,7 @@ from tasks.backbones.registry import (
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(BACKBONES))
 def test_min_size_keeps_every_layer_non_empty(name: str) -> None:
     spec = BACKBONES[name]

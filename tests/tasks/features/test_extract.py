@@ -109,6 +109,7 @@ def _run_extract(data: Path, store: Path) -> subprocess.Popen:
     )
 
 
+@pytest.mark.slow
 def test_resume_after_kill_gives_identical_features(tmp_path: Path) -> None:
     data = tmp_path / "images"
     for i in range(96):
@@ -165,6 +166,7 @@ def test_verify_finds_deleted_chunk_and_repair_recomputes(image_tree: Path, tmp_
     np.testing.assert_array_equal(_features(store, key), expected)
 
 
+@pytest.mark.slow
 def test_two_processes_on_one_store_wait_and_share(tmp_path: Path) -> None:
     data = tmp_path / "images"
     for i in range(40):

@@ -54,6 +54,7 @@ def _crash(epoch: int, logs: dict) -> None:
     raise RuntimeError("simulated crash")
 
 
+@pytest.mark.slow
 def test_interrupted_training_resumes_and_writes_a_run(image_tree: Path, tmp_path: Path) -> None:
     import keras
 
@@ -135,6 +136,7 @@ def prefect_server():
         yield
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("prefect_server")
 def test_flow_writes_a_run_and_refuses_to_resume_a_finished_one(
     image_tree: Path, tmp_path: Path

@@ -324,6 +324,7 @@ def test_estimators_are_shaped_like_sklearn(method: str, data: Data) -> None:
     assert not hasattr(copy, "components_")
 
 
+@pytest.mark.slow
 def test_under_local_cluster_with_two_processes(gram: ScaledPCA, data: Data) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
