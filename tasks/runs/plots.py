@@ -7,6 +7,7 @@ not share pyplot's global figure state.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,12 @@ from PIL import Image
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
 from tasks.runs.folder import atomic_write
+
+log = logging.getLogger("featurepipe.plots")
+
+# The discriminant view is fitted in the leading components only: it is a picture, and LDA's
+# SVD over all of them is slow and can fail to converge (it did on 7,467 x 1,930 blood-cell rows).
+MAP_LDA_COMPONENTS = 64
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -204,13 +211,18 @@ def class_map_panels(
         ),
         "first two PCA components",
     )
-    n_discriminants = min(2, len(np.unique(labels[:n_train])) - 1, components.shape[1])
+    leading = components[:, :MAP_LDA_COMPONENTS]
+    n_discriminants = min(2, len(np.unique(labels[:n_train])) - 1, leading.shape[1])
     lda = LinearDiscriminantAnalysis(n_components=n_discriminants)
-    lda.fit(components[:n_train], labels[:n_train])
+    try:
+        lda.fit(leading[:n_train], labels[:n_train])
+    except np.linalg.LinAlgError as error:  # a picture never costs the run its report
+        log.warning("class map without the discriminant view: %s", error)
+        return [pca]
     discriminants = MapPanel(
-        _two_columns(lda.transform(components)),
+        _two_columns(lda.transform(leading)),
         tuple(f"LD{i + 1}" if i < n_discriminants else f"LD{i + 1} (none)" for i in range(2)),
-        "linear discriminants of the training rows",
+        f"linear discriminants of the training rows (first {leading.shape[1]} components)",
     )
     return [pca, discriminants]
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
 from tasks.classify.stage import classify_run
 from tasks.data.scan import scan
@@ -19,7 +20,7 @@ from tasks.features.store import FeatureStore
 from tasks.reduce.stage import PcaSettings, load_projected, reduce_cached
 from tasks.runs import markdown
 from tasks.runs.gallery import GALLERY_CAP, mistakes_by_confidence
-from tasks.runs.plots import class_map_panels, pca_class_map_png
+from tasks.runs.plots import MAP_LDA_COMPONENTS, class_map_panels, pca_class_map_png
 from tasks.runs.schema import RunReport
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -125,4 +126,26 @@ def test_class_map_with_a_single_component(tmp_path: Path) -> None:
     one_column = np.arange(6, dtype=float)[:, None]
     labels = np.array([0, 1] * 3)
     path = pca_class_map_png(one_column, labels, 4, [0.7], ["a", "b"], tmp_path / "map.png")
+    assert path.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_class_map_fits_discriminants_in_the_leading_components_and_survives_their_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    rng = np.random.default_rng(0)
+    labels = np.arange(120) % 3
+    wide = rng.normal(size=(120, 300)) + labels[:, None]  # more components than the view uses
+    pca, lda = class_map_panels(wide, labels, 90, np.linspace(0.1, 0.9, 300))
+    assert lda.title.endswith(f"(first {MAP_LDA_COMPONENTS} components)")
+
+    def no_convergence(*args, **kwargs):
+        raise np.linalg.LinAlgError("SVD did not converge")  # as on 7,467 blood-cell rows
+
+    monkeypatch.setattr(LinearDiscriminantAnalysis, "fit", no_convergence)
+    panels = class_map_panels(wide, labels, 90, np.linspace(0.1, 0.9, 300))
+    assert [p.title for p in panels] == ["first two PCA components"]
+    assert "without the discriminant view" in caplog.text
+    path = pca_class_map_png(
+        wide, labels, 90, np.linspace(0.1, 0.9, 300), list("abc"), tmp_path / "m.png"
+    )
     assert path.read_bytes().startswith(PNG_MAGIC)
