@@ -26,7 +26,7 @@ from tasks.data.splits import rows_key
 from tasks.finetune.data import augmentation, image_dataset, validation_rows
 from tasks.finetune.model import build_finetune_model, compile_model, unfreeze
 from tasks.finetune.settings import FinetuneError, FinetuneSettings, resolved
-from tasks.runs.folder import atomic_write, load_model, read_report
+from tasks.runs.folder import atomic_write
 from tasks.runs.report import write_run
 from tasks.runs.schema import RunReport
 
@@ -365,19 +365,13 @@ def run_finetune(
 
 
 def predict_finetuned(
-    run_dir: Path, paths: Sequence[str | Path], batch_size: int = 32
+    report: RunReport, model, paths: Sequence[str | Path], batch_size: int = 32
 ) -> tuple[list[str], np.ndarray]:
-    """Class names and softmax probabilities of a fine-tuned run's model for image files,
-    decoded and preprocessed exactly as in training (augmentation off)."""
-    report = read_report(run_dir)
-    if MODEL_NAME not in report.classifiers:
-        raise FinetuneError(
-            f"run {Path(run_dir).name} is not a fine-tuning run "
-            f"(its models: {', '.join(report.classifiers)})"
-        )
+    """Class names and softmax probabilities of a fine-tuning run's model (already loaded and
+    checked by the caller) for image files, decoded and preprocessed exactly as in training
+    (augmentation off)."""
     settings = report.settings
     spec = get_spec(settings["backbone"])
-    model = load_model(run_dir, MODEL_NAME)
     dataset = image_dataset(paths, None, settings["image_size"], load_preprocess(spec), batch_size)
     probabilities = np.asarray(model.predict(dataset, verbose=0))
     names = report.class_names

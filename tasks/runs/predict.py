@@ -134,7 +134,7 @@ def predict_folder(
     if plan.classifier == FINETUNED:  # an end-to-end network: images in, probabilities out
         from tasks.finetune.training import predict_finetuned
 
-        predicted, scores = predict_finetuned(plan.run_dir, manifest.paths())
+        predicted, scores = predict_finetuned(report, plan.model, manifest.paths())
         labels = [class_names.index(label) for label in predicted]
         counts = {"images_computed": len(labels), "images_cached": 0}
     else:

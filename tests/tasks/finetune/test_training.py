@@ -19,12 +19,13 @@ from tasks.finetune.training import (
     BEST_FILE,
     CHECKPOINTS,
     LAST_FILE,
+    MODEL_NAME,
     FinetuneError,
     predict_finetuned,
     read_state,
     run_finetune,
 )
-from tasks.runs.folder import list_runs, new_run_id, read_report
+from tasks.runs.folder import list_runs, load_model, new_run_id, read_report
 
 # Random-init VGG16 at 32px with a tiny head: seconds per epoch on a shared CPU.
 TINY = FinetuneSettings(
@@ -106,7 +107,8 @@ def test_interrupted_training_resumes_and_writes_a_run(image_tree: Path, tmp_pat
     assert list_runs(run_dir.parent)[0]["accuracy"] == {"finetune": entry.accuracy}
 
     test_files = [Path(manifest.root) / manifest.records[i].path for i in test]
-    labels, probabilities = predict_finetuned(run_dir, test_files)
+    model = load_model(run_dir, MODEL_NAME)
+    labels, probabilities = predict_finetuned(read_report(run_dir), model, test_files)
     assert probabilities.shape == (len(test), 2)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
     truth = [manifest.records[i].label for i in test]
