@@ -194,6 +194,10 @@ def classify_task(
     run_dir = Path(settings.runs) / run_id
     run_settings = {
         **settings.model_dump(mode="json"),
+        # what `auto` became: prediction rebuilds the backbone with the features' precision
+        "precision": FeatureStore(settings.store)
+        .feature_array(reduction.feature_key)
+        .attrs.get("precision", "float32"),
         "layer": layer,
         "dataset": str(settings.data or manifest.root),
         # absolute, so that `predict --run` finds the run's store from any folder

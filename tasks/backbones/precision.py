@@ -2,9 +2,11 @@
 
 Mixed precision keeps float32 weights and runs the layers in 16 bits (Keras' mixed_* dtype
 policies); the cut's outputs are cast back to float32 and stored as --dtype says. A CPU with
-AVX512_BF16 or AMX runs bfloat16 convolutions about twice as fast as float32; without them
-16-bit math is emulated and no faster, so `auto` picks a 16-bit precision only where the
-hardware runs it natively. No TensorFlow import unless an NVIDIA driver is present.
+AVX512_BF16 or AMX runs dense bfloat16 convolutions about twice as fast as float32; without
+them 16-bit math is emulated and no faster, so `auto` picks a 16-bit precision only where the
+hardware runs it natively. On a CPU, depthwise convolutions (MobileNet, EfficientNet) ran
+slower in bfloat16 than in float32, so `auto` keeps those backbones in float32 there.
+No TensorFlow import unless an NVIDIA driver is present.
 """
 
 from __future__ import annotations
@@ -68,19 +70,28 @@ def hardware() -> tuple[str, tuple[str, ...]]:
     return where, tuple(native_precisions(cpu_flags(), capability))
 
 
-def resolve_precision(requested: str) -> str:
+def resolve_precision(requested: str, depthwise: bool = False) -> str:
     """The precision a run uses: `auto` becomes the fastest native one, else float32 (said in
-    a log line); an explicit 16-bit choice is kept, with a warning where it is emulated."""
+    a log line); an explicit 16-bit choice is kept, with a warning where it is emulated.
+
+    `depthwise`: the backbone is built of depthwise convolutions, which `auto` keeps in
+    float32 on a CPU (they gain nothing there; measured in benchmarks/README.md).
+    """
     if requested not in CHOICES:
         raise ValueError(f"precision must be one of {', '.join(CHOICES)}, got {requested!r}")
     if requested == "float32":
         return requested
     where, native = hardware()
     if requested == "auto":
-        chosen = native[0] if native else "float32"
         if not native:
             _note(f"precision auto: float32 ({where} runs no bfloat16 or float16 natively)")
-        return chosen
+            return "float32"
+        if depthwise and where == "CPU":
+            _note(
+                "precision auto: float32 (depthwise convolutions run no faster in 16 bits on a CPU)"
+            )
+            return "float32"
+        return native[0]
     if requested not in native:
         _note(
             f"precision {requested}: this {where} has no native {requested}; it is emulated, "

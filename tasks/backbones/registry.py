@@ -38,6 +38,8 @@ class BackboneSpec:
     offline_weights: tuple[str, ...] = ()
     # dotted path of a function returning a local ImageNet weights file (offline "imagenet")
     imagenet_file: str | None = None
+    # built of depthwise convolutions: `--precision auto` keeps it float32 on a CPU
+    depthwise: bool = False
 
 
 def _keras_app(
@@ -48,6 +50,7 @@ def _keras_app(
     min_size: int,
     layer: str,
     offline: tuple[str, ...] = (),
+    depthwise: bool = False,
 ) -> BackboneSpec:
     return BackboneSpec(
         name,
@@ -57,6 +60,7 @@ def _keras_app(
         min_size,
         layer,
         offline,
+        depthwise=depthwise,
     )
 
 
@@ -68,12 +72,30 @@ BACKBONES: dict[str, BackboneSpec] = {
         _keras_app("resnet50", "ResNet50", "resnet50", 224, 32, "conv5_block3_out"),
         _keras_app("densenet169", "DenseNet169", "densenet", 224, 32, "relu"),
         _keras_app("inceptionv3", "InceptionV3", "inception_v3", 299, 75, "mixed10"),
-        _keras_app("xception", "Xception", "xception", 299, 71, "block14_sepconv2_act"),
-        _keras_app("mobilenetv2", "MobileNetV2", "mobilenet_v2", 224, 32, "out_relu"),
-        _keras_app("efficientnetb0", "EfficientNetB0", "efficientnet", 224, 32, "top_activation"),
+        _keras_app(
+            "xception", "Xception", "xception", 299, 71, "block14_sepconv2_act", depthwise=True
+        ),
+        _keras_app(
+            "mobilenetv2", "MobileNetV2", "mobilenet_v2", 224, 32, "out_relu", depthwise=True
+        ),
+        _keras_app(
+            "efficientnetb0",
+            "EfficientNetB0",
+            "efficientnet",
+            224,
+            32,
+            "top_activation",
+            depthwise=True,
+        ),
         # the two below normalise inside the model: their preprocess_input passes 0-255 through
         _keras_app(
-            "efficientnetv2b0", "EfficientNetV2B0", "efficientnet_v2", 224, 32, "top_activation"
+            "efficientnetv2b0",
+            "EfficientNetV2B0",
+            "efficientnet_v2",
+            224,
+            32,
+            "top_activation",
+            depthwise=True,
         ),
         _keras_app(
             "convnext-tiny",
@@ -82,6 +104,7 @@ BACKBONES: dict[str, BackboneSpec] = {
             224,
             32,
             "convnext_tiny_stage_3_block_2_identity",  # the last block, before the final norm
+            depthwise=True,
         ),
         BackboneSpec(
             "efficientnet-lite0",
@@ -91,6 +114,7 @@ BACKBONES: dict[str, BackboneSpec] = {
             32,
             "avg_pool",
             imagenet_file="tasks.backbones.efficientnet_lite_weights.imagenet_weights_path",
+            depthwise=True,
         ),
     )
 }
@@ -268,7 +292,7 @@ def build_feature_model(
 
     check_input_size(spec, image_size)
     previous = keras.config.dtype_policy()  # per thread; restored so later models are float32
-    keras.config.set_dtype_policy(KERAS_POLICIES[resolve_precision(precision)])
+    keras.config.set_dtype_policy(KERAS_POLICIES[resolve_precision(precision, spec.depthwise)])
     try:
         base = build_base(spec, weights, image_size)
     finally:

@@ -49,9 +49,10 @@ class ExtractSettings(BackboneSettings):
     pooling: Literal[POOLINGS] | None = Field(None, description="Global pooling of each cut")
     dtype: Literal[DTYPES] = Field("float32", description="Stored feature type")
     precision: Literal[PRECISION_CHOICES] = Field(
-        "float32",
+        "auto",
         description="Backbone compute precision (mixed 16-bit keeps float32 weights); "
-        "auto: bfloat16 or float16 where the hardware runs it natively, else float32",
+        "auto: bfloat16 or float16 where the hardware runs it natively and the backbone gains "
+        "from it, else float32",
     )
     decode_workers: int = Field(2, ge=1, description="Threads decoding images ahead")
     chunk_mb: float = Field(16.0, gt=0, description="Storage layout only: not in the feature key")
@@ -137,7 +138,7 @@ def plan_extraction(manifest: Manifest, settings: ExtractSettings) -> ExtractPla
     """Resolve names, sizes and weights and derive one content key per layer."""
     spec, weights, size = resolve_backbone(settings)
     layers = tuple(dict.fromkeys(settings.layers or (spec.default_layer,)))
-    precision = resolve_precision(settings.precision)
+    precision = resolve_precision(settings.precision, spec.depthwise)
     # in the key only when not float32, so keys made before the setting existed stay valid
     mixed = {} if precision == "float32" else {"precision": precision}
     identities = {
@@ -194,7 +195,10 @@ def extract(
     """
     began = time.perf_counter()
     # "auto" is decided here, once: workers build with the precision the keys name
-    settings = settings.model_copy(update={"precision": resolve_precision(settings.precision)})
+    depthwise = get_spec(settings.backbone).depthwise
+    settings = settings.model_copy(
+        update={"precision": resolve_precision(settings.precision, depthwise)}
+    )
     plan = plan_extraction(manifest, settings)
     store.save_manifest(manifest)
     keys = {layer: plan.key(layer) for layer in plan.layers}

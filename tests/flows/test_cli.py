@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tasks.features.store import FeatureStore
 from tests.conftest import write_image
 
 pytestmark = pytest.mark.slow  # see the slow marker in pyproject.toml
@@ -76,6 +77,13 @@ def test_run_json_summary(first_and_second_run) -> None:
         assert confusion.sum() == report["extras"]["n_test"]
         assert accuracy == pytest.approx(np.trace(confusion) / confusion.sum())
     assert report["settings"]["layer"] == "block3_pool"
+    # the default precision `auto` is recorded as what it became: the stored features' precision
+    attrs = (
+        FeatureStore(str(work / "store"))
+        .feature_array(first["layers"]["block3_pool"]["feature_key"])
+        .attrs
+    )
+    assert report["settings"]["precision"] == attrs.get("precision", "float32")
 
 
 def test_second_identical_run_computes_nothing(first_and_second_run) -> None:

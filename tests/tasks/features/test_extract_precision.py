@@ -20,7 +20,13 @@ from tasks.features.store import FeatureStore
 
 LAYER = "block2_pool"
 SMALL = ExtractSettings(
-    backbone="vgg16", weights="none", layers=(LAYER,), image_size=32, batch_size=4, chunk_mb=0.05
+    backbone="vgg16",
+    weights="none",
+    layers=(LAYER,),
+    image_size=32,
+    batch_size=4,
+    chunk_mb=0.05,
+    precision="float32",
 )
 # The fields of a feature key before precision existed: a float32 key must hash only these,
 # or every feature array stored until now would be recomputed.
@@ -62,6 +68,27 @@ def test_auto_takes_the_native_precision_into_the_key(image_tree: Path, bf16_nat
     manifest = scan(image_tree)
     auto = plan_extraction(manifest, _with(precision="auto"))
     assert auto.key(LAYER) == plan_extraction(manifest, _with(precision="bfloat16")).key(LAYER)
+
+
+def test_auto_is_the_default() -> None:
+    assert ExtractSettings().precision == "auto"
+
+
+def test_auto_keeps_depthwise_backbones_float32_on_a_cpu_only(
+    image_tree: Path, monkeypatch: pytest.MonkeyPatch, bf16_native
+) -> None:
+    manifest = scan(image_tree)
+    lite = _with(backbone="efficientnet-lite0", layers=("avg_pool",), precision="auto")
+    assert "precision" not in plan_extraction(manifest, lite).identities["avg_pool"]
+    assert plan_extraction(manifest, _with(precision="auto")).identities[LAYER]["precision"] == (
+        "bfloat16"
+    )
+    assert precision.resolve_precision("bfloat16", depthwise=True) == "bfloat16"  # asked for
+
+    monkeypatch.setattr(
+        precision, "hardware", lambda: ("GPU (compute capability (8, 0))", ("bfloat16",))
+    )
+    assert precision.resolve_precision("auto", depthwise=True) == "bfloat16"
 
 
 def test_auto_falls_back_to_float32_with_a_log_line(
