@@ -128,6 +128,8 @@ def finetune_task(
         run_settings=settings.run_settings(),
         extras=extras,
         on_epoch=_EpochProgress(),
+        # the validation rows are grouped like the test rows, or early stopping sees near-copies
+        group_regex=settings.group_regex if settings.split == "grouped" else None,
     )
     publish_run(report, run_dir, "fine-tuning")
     return report

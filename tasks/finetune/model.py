@@ -35,7 +35,10 @@ def build_finetune_model(settings: FinetuneSettings, n_classes: int):
         x = keras.layers.Dropout(settings.dropout, seed=settings.seed + i, name=f"head_dropout{i}")(
             x
         )
-    outputs = keras.layers.Dense(n_classes, activation="softmax", name="head_softmax")(x)
+    # float32 whatever the compute policy: a bfloat16 softmax rounds the loss's probabilities
+    outputs = keras.layers.Dense(
+        n_classes, activation="softmax", dtype="float32", name="head_softmax"
+    )(x)
     return keras.Model(inputs, outputs, name=f"{spec.name}_finetune")
 
 

@@ -15,6 +15,8 @@ from tasks.errors import UserError
 
 OPTIMIZERS = ("adam", "adamw", "nadam", "rmsprop", "sgd")
 FLIP_MODES = ("none", "horizontal", "vertical", "horizontal_and_vertical")
+AUGMENTATIONS = ("dihedral", "affine", "none")
+CLASS_WEIGHTS = ("balanced", "none")
 
 
 class FinetuneError(UserError):
@@ -42,15 +44,36 @@ class FinetuneSettings(BackboneSettings):
     unfreeze_from: str | None = Field(
         None, description="Or: train every layer from this one (wins if given)"
     )
-    patience: int = Field(5, ge=1, description="Early stopping on val_loss, per phase")
+    patience: int = Field(
+        5, ge=1, description="Early stopping on val_loss, per phase; the best weights are kept"
+    )
+    class_weight: Literal[CLASS_WEIGHTS] = Field(
+        "balanced",
+        description="balanced: each class weighs n / (classes x its count) in the loss, so a "
+        "rare class counts as much as a common one; none: every image weighs 1",
+    )
+    cache_inputs: bool = Field(
+        True,
+        description="Decode and resize every image once into a uint8 array beside the runs "
+        "(keyed by dataset and size) and read that in every epoch and run",
+    )
     validation_fraction: float = Field(
         0.2, gt=0.0, lt=1.0, description="Of the training rows, when there is no valid/ tree"
     )
-    flip: Literal[FLIP_MODES] = "horizontal"
-    rotation: float = Field(0.05, ge=0.0, le=1.0, description="Fraction of a full turn; 0: off")
-    zoom: float = Field(0.1, ge=0.0, lt=1.0)
-    translation: float = Field(0.1, ge=0.0, lt=1.0)
-    contrast: float = Field(0.1, ge=0.0, le=1.0)
+    augment: Literal[AUGMENTATIONS] = Field(
+        "dihedral",
+        description="dihedral: each training image turned by a random multiple of 90 degrees "
+        "and mirrored or not (exact, lossless; for images without an up or a left, such as "
+        "cells under a microscope); affine: the flip, rotation, zoom, translation and "
+        "contrast settings; none",
+    )
+    flip: Literal[FLIP_MODES] = Field("horizontal", description="augment=affine only")
+    rotation: float = Field(
+        0.05, ge=0.0, le=1.0, description="augment=affine: fraction of a full turn; 0: off"
+    )
+    zoom: float = Field(0.1, ge=0.0, lt=1.0, description="augment=affine only")
+    translation: float = Field(0.1, ge=0.0, lt=1.0, description="augment=affine only")
+    contrast: float = Field(0.1, ge=0.0, le=1.0, description="augment=affine only")
 
     @model_validator(mode="after")
     def _trains(self):

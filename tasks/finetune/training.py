@@ -23,7 +23,14 @@ from tasks.backbones.registry import get_spec, load_preprocess, resolve_weights
 from tasks.classify.models import ClassifierResult, classification_metrics
 from tasks.data.scan import Manifest
 from tasks.data.splits import rows_key
-from tasks.finetune.data import augmentation, image_dataset, validation_rows
+from tasks.finetune.cache import CACHE_DIR, cache_path, decoded_inputs
+from tasks.finetune.data import (
+    CachedImages,
+    augmentation,
+    class_weights,
+    image_dataset,
+    validation_rows,
+)
 from tasks.finetune.model import build_finetune_model, compile_model, unfreeze
 from tasks.finetune.settings import FinetuneError, FinetuneSettings, resolved
 from tasks.runs.folder import atomic_write
@@ -51,6 +58,7 @@ class TrainState:
     best_epoch: int | None = None
     phase_best: float | None = None  # early stopping's reference in this phase
     wait: int = 0
+    stopped_early: list[int] = field(default_factory=list)  # phases early stopping ended
     history: dict[str, list[float]] = field(default_factory=dict)
     train_seconds: float = 0.0
     resumes: int = 0
@@ -191,23 +199,29 @@ def train(
     settings: FinetuneSettings,
     on_epoch: EpochCallback = _log_epoch,
     callbacks: Sequence = (),
+    class_weight: dict[int, float] | None = None,
 ) -> None:
     """Run (or continue) phase 1 then phase 2, checkpointing every epoch into run_dir.
 
     `model` is the freshly built model, or the last checkpoint when resuming; `datasets(seed)`
     gives (train, validation) pipelines, reshuffled from a seed that moves on with the epoch
-    so a resumed run does not replay the shuffles of its first epochs.
+    so a resumed run does not replay the shuffles of its first epochs. Phase 2 starts from the
+    best weights so far, not from the epochs early stopping waited through.
     """
     import keras
 
     planned = settings.phase1_epochs + settings.phase2_epochs
     while state.phase <= 2:
         if _phase_done(state, settings):
+            if state.wait >= settings.patience:
+                state.stopped_early.append(state.phase)
             state.phase += 1
             state.phase_epoch, state.phase_best, state.wait = 0, None, 0
             _save_state(run_dir, state)
             continue
         if state.phase == 2 and state.phase_epoch == 0:
+            if state.best_val_loss is not None:
+                model.load_weights(run_dir / CHECKPOINTS / BEST_FILE)
             count = unfreeze(model, settings)
             logger.info(
                 "phase 2: %d base layers trainable, learning rate %g",
@@ -224,6 +238,7 @@ def train(
             epochs=state.epoch + epochs - state.phase_epoch,
             verbose=0,
             shuffle=False,
+            class_weight=class_weight,
             callbacks=[*_callbacks(run_dir, state, settings, planned, on_epoch), *callbacks],
         )
 
@@ -239,13 +254,15 @@ def run_finetune(
     extras: dict | None = None,
     on_epoch: EpochCallback = _log_epoch,
     callbacks: Sequence = (),
+    group_regex: str | None = None,
 ) -> RunReport:
     """Fine-tune on the training rows, evaluate the best checkpoint on the test rows, and
     write the run folder; returns its report.
 
     A run_dir holding an interrupted training (checkpoints/state.json) is resumed, provided
     the settings and rows are the same. `callbacks` are extra Keras callbacks, run after the
-    checkpointing ones.
+    checkpointing ones. `group_regex` groups the validation rows by source image, as the
+    grouped train/test split does.
     """
     import keras
 
@@ -254,7 +271,7 @@ def run_finetune(
     spec = get_spec(settings.backbone)
     weights = resolve_weights(spec, settings.weights, settings.seed)
     fit_rows, val_rows = validation_rows(
-        manifest, train_rows, settings.validation_fraction, settings.seed
+        manifest, train_rows, settings.validation_fraction, settings.seed, group_regex
     )
     if not len(fit_rows) or not len(val_rows) or not len(test_rows):
         raise FinetuneError(
@@ -289,10 +306,20 @@ def run_finetune(
 
     labels = np.asarray(manifest.labels)
     preprocess = load_preprocess(spec)
+    cache = (
+        decoded_inputs(run_dir.parent / CACHE_DIR, manifest, settings.image_size)
+        if settings.cache_inputs
+        else None
+    )
+    weights_by_class = (
+        class_weights(labels[fit_rows], len(manifest.class_names))
+        if settings.class_weight == "balanced"
+        else None
+    )
 
     def pipeline(rows: np.ndarray, augment=None, shuffle_seed: int | None = None):
         return image_dataset(
-            manifest.paths(rows),
+            manifest.paths(rows) if cache is None else CachedImages(cache, rows),
             labels[rows],
             settings.image_size,
             preprocess,
@@ -310,6 +337,7 @@ def run_finetune(
         settings,
         on_epoch,
         callbacks,
+        weights_by_class,
     )
 
     if state.best_val_loss is None or not math.isfinite(state.best_val_loss):
@@ -344,8 +372,26 @@ def run_finetune(
         "n_train": len(fit_rows),
         "n_valid": len(val_rows),
         "n_test": len(test_rows),
+        "validation": _validation_kind(manifest, fit_rows, val_rows, group_regex),
+        "class_weight": (
+            {manifest.class_names[c]: w for c, w in weights_by_class.items()}
+            if weights_by_class
+            else None
+        ),
+        "early_stopping": {
+            "monitor": "val_loss",
+            "patience": settings.patience,
+            "best_epoch": state.best_epoch,
+            "stopped_early_in_phases": state.stopped_early,
+            "restored": "best weights at the end of phase 1 and for the test",
+        },
+        "input_cache": str(cache_path(run_dir.parent / CACHE_DIR, manifest, settings.image_size))
+        if cache is not None
+        else None,
         "resumes": state.resumes,
         "train_seconds": state.train_seconds,
+        # training images through fit() per second of training, validation passes included
+        "train_images_per_second": state.epoch * len(fit_rows) / state.train_seconds,
         **(extras or {}),
     }
     report = write_run(
@@ -362,6 +408,17 @@ def run_finetune(
     for name in (BEST_FILE, LAST_FILE):  # models/ holds the best model now; resume is over
         (run_dir / CHECKPOINTS / name).unlink()
     return report
+
+
+def _validation_kind(
+    manifest: Manifest, fit_rows: np.ndarray, val_rows: np.ndarray, group_regex: str | None
+) -> str:
+    """How the validation rows were chosen, in words, for the report."""
+    if manifest.records[val_rows[0]].split == "valid":
+        return "the dataset's valid/ tree"
+    if group_regex:
+        return f"grouped by source image (file-name regex {group_regex!r})"
+    return "stratified"
 
 
 def predict_finetuned(

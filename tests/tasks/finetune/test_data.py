@@ -1,17 +1,28 @@
-"""Fine-tuning input: the tf.data pipeline decodes like extraction, augments training only, and
-validation rows come from the dataset's own valid/ tree when it has one."""
+"""Fine-tuning input: the tf.data pipeline decodes like extraction (from files or the decoded-input
+cache, identically), augments training only with exact turns and mirrors by default, weighs
+classes by their counts, and takes validation rows from the dataset's valid/ tree, or grouped
+by source image."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from tasks.backbones.registry import get_spec, load_preprocess
 from tasks.data.images import load_rgb
 from tasks.data.scan import scan
 from tasks.data.splits import split_rows
-from tasks.finetune.data import augmentation, image_dataset, validation_rows
+from tasks.finetune.cache import decoded_inputs
+from tasks.finetune.data import (
+    CachedImages,
+    augmentation,
+    class_weights,
+    dihedral,
+    image_dataset,
+    validation_rows,
+)
 from tasks.finetune.settings import FinetuneSettings
 from tests.conftest import write_image
 
@@ -32,13 +43,63 @@ def test_pipeline_matches_extraction_decoding_and_augments_training_only(image_t
         32,
         preprocess,
         batch_size=4,
-        augment=augmentation(FinetuneSettings(contrast=0.2)),
+        augment=augmentation(FinetuneSettings(augment="affine", contrast=0.2)),
     )
     assert not np.allclose(next(iter(augmented))[0].numpy(), expected, atol=1e-2)
-    assert (
-        augmentation(FinetuneSettings(flip="none", rotation=0, zoom=0, translation=0, contrast=0))
-        is None
-    )
+    assert augmentation(FinetuneSettings(augment="none")) is None
+    affine_off = dict(flip="none", rotation=0, zoom=0, translation=0, contrast=0)
+    assert augmentation(FinetuneSettings(augment="affine", **affine_off)) is None
+    assert augmentation(FinetuneSettings()) is dihedral  # the default
+
+
+def _symmetries(image: np.ndarray) -> list[np.ndarray]:
+    """The 8 turns and mirrors of a square image, computed with numpy."""
+    turns = [np.rot90(image, k, axes=(0, 1)) for k in range(4)]
+    return turns + [np.flip(turn, axis=1) for turn in turns]
+
+
+def test_dihedral_outputs_are_exact_turns_and_mirrors_of_their_inputs() -> None:
+    images = np.random.default_rng(0).integers(0, 256, (16, 5, 5, 3)).astype(np.float32)
+    seen: set[int] = set()
+    for seed in range(4):
+        out = np.asarray(dihedral(images, np.array([seed, 7])))
+        for image, result in zip(images, out, strict=True):
+            matches = [i for i, s in enumerate(_symmetries(image)) if np.array_equal(s, result)]
+            assert len(matches) == 1  # exactly one of the 8 (a random image has no symmetry)
+            seen.add(matches[0])
+    assert seen == set(range(8))  # every symmetry is drawn, the identity included
+    again = np.asarray(dihedral(images, np.array([3, 7])))
+    np.testing.assert_array_equal(again, out)  # seeded: a resumed epoch replays its draws
+
+
+def test_cached_inputs_read_like_the_files(image_tree: Path, tmp_path: Path) -> None:
+    manifest = scan(image_tree)
+    preprocess = load_preprocess(get_spec("vgg16"))
+    rows = np.array([5, 0, 17, 3])
+    cache = decoded_inputs(tmp_path / "cache", manifest, 16)
+    assert cache.shape == (len(manifest.records), 16, 16, 3) and cache.dtype == np.uint8
+    [stored] = list((tmp_path / "cache").iterdir())  # no partial file left behind
+    labels = np.asarray(manifest.labels)[rows]
+    from_files = image_dataset(manifest.paths(rows), labels, 16, preprocess, batch_size=4)
+    from_cache = image_dataset(CachedImages(cache, rows), labels, 16, preprocess, batch_size=4)
+    (x_files, y_files), (x_cache, y_cache) = next(iter(from_files)), next(iter(from_cache))
+    np.testing.assert_array_equal(x_files.numpy(), x_cache.numpy())
+    np.testing.assert_array_equal(y_files.numpy(), y_cache.numpy())
+
+    modified = stored.stat().st_mtime_ns
+    decoded_inputs(tmp_path / "cache", manifest, 16)  # a second run reads, never rewrites
+    assert stored.stat().st_mtime_ns == modified
+    decoded_inputs(tmp_path / "cache", manifest, 24)
+    assert len(list((tmp_path / "cache").iterdir())) == 2  # keyed by size too
+
+
+def test_class_weights_give_every_class_the_same_total_weight() -> None:
+    labels = np.array([0] * 30 + [1] * 10 + [3] * 20)
+    weights = class_weights(labels, 4)
+    assert weights[2] == 1.0  # absent from training
+    totals = {c: weights[c] * np.count_nonzero(labels == c) for c in (0, 1, 3)}
+    assert list(totals.values()) == pytest.approx([20.0, 20.0, 20.0])
+    assert sum(totals.values()) == pytest.approx(len(labels))  # the mean weight stays 1
 
 
 def test_validation_rows_prefer_the_valid_tree(image_tree: Path, tmp_path: Path) -> None:
@@ -57,3 +118,21 @@ def test_validation_rows_prefer_the_valid_tree(image_tree: Path, tmp_path: Path)
     fit, val = validation_rows(folders, train, 0.25, seed=0)
     assert {folders.records[i].split for i in val} == {"valid"} and len(val) == 4
     assert {folders.records[i].split for i in fit} == {"train"}
+
+
+def test_grouped_validation_keeps_copies_of_one_source_on_one_side(tmp_path: Path) -> None:
+    for label, tint in (("a", 0), ("b", 120)):
+        for source in range(10):
+            for copy in range(3):  # three augmented copies of each source image
+                path = tmp_path / "cells" / label / f"_{source}_{copy}.png"
+                write_image(path, seed=source * 10 + copy + tint, tint=tint)
+    manifest = scan(tmp_path / "cells")
+    train, _ = split_rows(manifest, "grouped", 0.25, seed=0, group_regex=r"_(\d+)_")
+    fit, val = validation_rows(manifest, train, 0.2, seed=0, group_regex=r"_(\d+)_")
+    assert sorted([*fit, *val]) == sorted(train) and len(val)
+
+    def sources(rows):
+        return {(manifest.records[i].label, manifest.records[i].path.split("_")[1]) for i in rows}
+
+    assert not sources(fit) & sources(val)
+    assert {manifest.records[i].label for i in val} == {"a", "b"}

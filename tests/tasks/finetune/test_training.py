@@ -38,6 +38,7 @@ TINY = FinetuneSettings(
     phase2_epochs=1,
     unfreeze_last=2,
     batch_size=8,
+    augment="affine",  # the Keras layers' path (the dihedral default is tested in test_data)
     rotation=0.1,
     zoom=0.1,
     translation=0.1,
@@ -100,6 +101,11 @@ def test_interrupted_training_resumes_and_writes_a_run(image_tree: Path, tmp_pat
     assert entry.best_params["epochs_run"] == 3
     assert len(entry.history["val_loss"]) == 3
     assert report.extras["resumes"] == 1
+    assert report.extras["class_weight"].keys() == {"cats", "dogs"}
+    assert report.extras["n_train"] + report.extras["n_valid"] == len(train)
+    assert report.extras["early_stopping"]["patience"] == TINY.patience
+    assert report.extras["validation"] == "stratified"
+    assert Path(report.extras["input_cache"]).parent == run_dir.parent / ".input-cache"
     assert report.settings["image_size"] == 32
     assert json.loads((run_dir / "report.json").read_text())["best_classifier"] == "finetune"
     assert (run_dir / "learning_curves_finetune.png").is_file()
@@ -154,11 +160,51 @@ def test_flow_writes_a_run_and_refuses_to_resume_a_finished_one(
         phase1_epochs=1,
         phase2_epochs=0,
         batch_size=8,
+        split="grouped",
+        group_regex=r"img_\d(\d)",  # img_03 and img_13 are "copies" of source 3
     )
     summary = finetune_flow(settings)
     assert summary["epochs_run"] == 1
     assert (Path(summary["run_dir"]) / "report.md").is_file()
-    confusion = np.asarray(read_report(Path(summary["run_dir"])).classifiers["finetune"].confusion)
+    report = read_report(Path(summary["run_dir"]))
+    assert report.extras["validation"].startswith("grouped by source image")
+    confusion = np.asarray(report.classifiers["finetune"].confusion)
     assert summary["accuracy"] == np.trace(confusion) / confusion.sum()
     with pytest.raises(SettingsError, match="it has finished"):
         finetune_flow(FinetuneFlowSettings(runs=tmp_path / "runs", resume=summary["run_id"]))
+
+
+@pytest.mark.slow
+def test_early_stopping_ends_a_phase_and_phase_two_starts_from_the_best_weights(
+    image_tree: Path, tmp_path: Path
+) -> None:
+    """Phase 1's second epoch is wrecked (the output always says class 0, sure of it): its
+    val_loss is far worse, so with patience 1 phase 1 stops there, and phase 2 must start
+    from epoch 1's weights."""
+    import keras
+
+    manifest = scan(image_tree)
+    train, test = split_rows(manifest, "stratified", 0.25, seed=0)
+    run_dir = tmp_path / "runs" / new_run_id()
+    seen: dict[str, list] = {"fits": []}
+
+    class Probe(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            seen["fits"].append(self.model.get_layer("head_softmax").get_weights()[0].copy())
+            if len(seen["fits"]) == 2:  # phase 2 begins: what best.keras holds now
+                best = keras.saving.load_model(run_dir / CHECKPOINTS / BEST_FILE, compile=False)
+                seen["best"] = best.get_layer("head_softmax").get_weights()[0]
+
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 1:
+                layer = self.model.get_layer("head_softmax")
+                kernel, _ = layer.get_weights()
+                layer.set_weights([np.zeros_like(kernel), np.array([100.0, -100.0])])
+
+    settings = _with(phase1_epochs=4, phase2_epochs=1, patience=1, augment="none")
+    report = run_finetune(manifest, train, test, settings, run_dir, callbacks=[Probe()])
+    early = report.extras["early_stopping"]
+    assert early["stopped_early_in_phases"] == [1] and early["best_epoch"] in (1, 3)
+    assert report.classifiers["finetune"].best_params["epochs_run"] == 3  # 2 + 1
+    np.testing.assert_array_equal(seen["fits"][1], seen["best"])
+    assert np.abs(seen["fits"][1]).max() > 0  # not the wrecked weights
