@@ -43,7 +43,9 @@ def test_features_equal_direct_model_output(image_tree: Path, tmp_path: Path) ->
     assert store.feature_array(result.feature_keys["block2_pool"]).n_chunks > 1
 
     spec = get_spec("vgg16")
-    model = build_feature_model(spec, resolve_weights(spec, "none"), 32, ["block2_pool"])
+    model = build_feature_model(
+        spec, resolve_weights(spec, "none"), 32, ["block2_pool"], precision=SMALL.precision
+    )
     from keras.applications.vgg16 import preprocess_input
 
     images = np.stack([load_rgb(image_tree / r.path, 32) for r in manifest.records])
