@@ -12,10 +12,16 @@ from dask.delayed import delayed
 from sklearn.base import BaseEstimator
 
 from tasks.reduce._linalg import Fit, cut
+from tasks.reduce._passes import active
 from tasks.reduce._stats import ColumnStats, inverse_range, lazy_rows, project
-from tasks.reduce._stream import product_threads, stream, stream_steps
+from tasks.reduce._stream import product_threads, stream_steps
 
 STATE_VERSION = 1
+
+
+def _rows(block: np.ndarray, a: int, b: int, components: np.ndarray) -> np.ndarray:
+    """One scaled, centred block projected on the components."""
+    return block @ components.T
 
 
 class ScaledPCABase(BaseEstimator):
@@ -54,16 +60,19 @@ class ScaledPCABase(BaseEstimator):
     def project(self, X: da.Array) -> np.ndarray:
         """Every row of X projected: one (n, n_components_) float32 array in this process.
 
-        The active scheduler reads and scales the blocks and this process multiplies them, as
-        in the fit's passes, so the (k, d) components never enter a task graph (`transform`
-        puts them in one: gigabytes for wide features, "Sending large graph").
+        Runs like the fit's passes: on a cluster the workers project their blocks and send
+        back (b, k) rows; the (k, d) components are scattered to them once, never put in a
+        task graph (`transform` puts them in one: gigabytes for wide features, "Sending large
+        graph"). Without a cluster this process multiplies the blocks Dask's threads read.
         """
         self._check_rows(X)
         Xc = lazy_rows(X.rechunk({1: -1}), self._affine())
         out = np.empty((X.shape[0], self.n_components_), np.float32)
+        passes = active()
+        components = passes.share(self.components_)
         with product_threads():
-            for a, b, block in stream(Xc, stream_steps(Xc), "projection"):
-                np.matmul(block, self.components_.T, out=out[a:b])
+            for a, b, rows in passes.map(Xc, stream_steps(Xc), _rows, "projection", components):
+                out[a:b] = rows
         return out
 
     # ------------------------------------------------------------------ storage

@@ -17,15 +17,9 @@ import dask.array as da
 import numpy as np
 
 from tasks.reduce._linalg import ChooseK, Fit, add_wt_x, flip_signs, top_eigh
-from tasks.reduce._stats import ColumnStats, RunningStats, centre, lazy_rows
-from tasks.reduce._stream import (
-    chunk_bounds,
-    group,
-    pairs,
-    step_rows,
-    stream,
-    timed,
-)
+from tasks.reduce._passes import Passes
+from tasks.reduce._stats import ColumnStats, centre, lazy_rows
+from tasks.reduce._stream import chunk_bounds, group, pairs, step_rows, timed
 
 PANEL_BYTES = 1 << 30  # default panel: fewer, bigger panels mean fewer passes over the data
 
@@ -40,44 +34,59 @@ def gram_plan(
     return pairs(steps), pairs(group(steps, panel_rows))
 
 
+def _self_product(panel: np.ndarray) -> np.ndarray:
+    return panel @ panel.T  # (OpenBLAS's syrk, half the multiply-adds, was no faster)
+
+
+def _cross(block: np.ndarray, a: int, b: int, panel: np.ndarray) -> np.ndarray:
+    """The (panel rows, block rows) tile of the Gram matrix."""
+    return panel @ block.T
+
+
+def _weighted_add(
+    acc: np.ndarray | None, block: np.ndarray, a: int, b: int, weights: np.ndarray
+) -> np.ndarray:
+    """acc += weights[a:b]^T block: rows a..b's share of the (k, d) components."""
+    if acc is None:
+        acc = np.zeros((weights.shape[1], block.shape[1]), np.float32, order="F")
+    add_wt_x(acc, weights[a:b], block)
+    return acc
+
+
 def fit_gram(
     X: da.Array,
     batch_size: int | None,
     scaling: Callable[[ColumnStats], np.ndarray],
     choose_k: ChooseK,
+    passes: Passes,
 ) -> Fit:
     """eigh of Xc Xc^T built panel by panel, then components = (U / s)^T Xc.
 
-    The first pass reads the raw rows for the column statistics and keeps the first panel's
-    rows, so that panel is not read twice (with one panel, the data is read once for the Gram
-    matrix and the components). `scaling` turns the statistics into the affine parameters of
-    `centre` (and sets the estimator's scaling attributes).
+    Here (no cluster), the first pass reads the raw rows for the column statistics and keeps
+    the first panel's rows, so that panel is not read twice (with one panel, the data is read
+    once for the Gram matrix and the components). On a cluster each panel is held by a
+    worker (`passes.rows`), the workers multiply it by every later block and only the
+    (panel, block) tiles come back. `scaling` turns the statistics into the affine
+    parameters of `centre` (and sets the estimator's scaling attributes).
     """
     n, d = X.shape
     steps, panels = gram_plan(chunk_bounds(X), d, batch_size)
-    pa, pb = panels[0]
-    panel = np.empty((pb - pa, d), np.float32)
-    stats = RunningStats(d)
-    for a, b, block in stream(X, steps, "statistics + first panel read"):
-        stats.add(block)
-        if b <= pb:
-            panel[a:b] = block
-    affine = scaling(stats.result())
-    centre(panel, affine, out=panel)
+    stats, panel = passes.statistics(X, steps, keep=panels[0][1])
+    affine = scaling(stats)
+    if panel is not None:
+        centre(panel, affine, out=panel)
     Xc = lazy_rows(X, affine)
     gram = np.empty((n, n))
     for pa, pb in panels:
-        if pa > 0:
-            del panel
-            panel = np.empty((pb - pa, d), np.float32)
-            for a, b, block in stream(Xc, [s for s in steps if pa <= s[0] < pb], "panel read"):
-                panel[a - pa : b - pa] = block
-        with timed("panel product"):  # (OpenBLAS's syrk, half the multiply-adds, was no faster)
-            gram[pa:pb, pa:pb] = panel @ panel.T
-        for a, b, block in stream(Xc, [s for s in steps if s[0] >= pb], "cross products"):
-            cross = panel @ block.T
+        if panel is None:
+            panel = passes.rows(Xc, [s for s in steps if pa <= s[0] < pb], "panel read")
+        gram[pa:pb, pa:pb] = passes.call("panel product", _self_product, panel)
+        later = [s for s in steps if s[0] >= pb]
+        for a, b, cross in passes.map(Xc, later, _cross, "cross products", panel):
             gram[pa:pb, a:b] = cross
             gram[a:b, pa:pb] = cross.T
+        if pb < n:
+            panel = None  # the last panel stays, for the components
     total_variance = float(np.trace(gram) / (n - 1))
     with timed("eigh"):
         eigvals, eigvecs = top_eigh(gram, min(n, d))
@@ -88,12 +97,13 @@ def fit_gram(
     inverse = np.zeros(k)
     nonzero = eigvals[:k] > eigvals[0] * 1e-12
     inverse[nonzero] = 1 / np.sqrt(eigvals[:k][nonzero])
-    weights = (eigvecs[:, :k] * inverse).astype(np.float32)
-    components = np.zeros((k, d), np.float32, order="F")
-    with timed("components from the last panel"):
-        add_wt_x(components, weights[pa:pb], panel)  # the last panel is still in memory
+    weights = passes.share((eigvecs[:, :k] * inverse).astype(np.float32))
+    last = passes.call(
+        "components from the last panel", _weighted_add, None, panel, pa, pb, weights
+    )
     del panel
-    for a, b, block in stream(Xc, [s for s in steps if s[0] < pa], "components"):
-        add_wt_x(components, weights[a:b], block)
+    components = passes.fold(
+        Xc, [s for s in steps if s[0] < pa], _weighted_add, "components", weights, start=last
+    )
     flip_signs(components)
     return Fit(explained, total_variance, components)

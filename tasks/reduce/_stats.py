@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import dask
@@ -9,7 +10,7 @@ import dask.array as da
 import numpy as np
 from dask.delayed import delayed
 
-from tasks.reduce._stream import timed
+from tasks.reduce._stream import log_phase
 
 _CONSTANT_RANGE = 10 * np.finfo(np.float32).eps  # sklearn's _handle_zeros_in_scale on float32
 
@@ -73,8 +74,18 @@ def column_stats(X: da.Array, with_m2: bool) -> ColumnStats:
     parts = [X.min(axis=0), X.max(axis=0), X.mean(axis=0, dtype=np.float64)]
     if with_m2:
         parts.append(X.var(axis=0, dtype=np.float64))
-    with timed("column statistics"):
-        data_min, data_max, mean, *var = dask.compute(*parts)
+    began, cpu = time.perf_counter(), time.process_time()
+    results = dask.compute(*parts)  # tree reductions: only (d,) vectors reach this process
+    data_min, data_max, mean, *var = results
+    rows, d = X.shape
+    log_phase(
+        "column statistics",
+        time.perf_counter() - began,
+        time.process_time() - cpu,
+        rows=rows,
+        client_bytes=sum(r.nbytes for r in results),
+        data_bytes=rows * d * 4,
+    )
     m2 = var[0] * X.shape[0] if with_m2 else None
     return ColumnStats(
         X.shape[0], data_min.astype(np.float64), data_max.astype(np.float64), mean, m2

@@ -1,8 +1,9 @@
-"""Streaming passes over row-chunked Dask arrays, shared by every PCA algorithm.
+"""Streaming passes over row-chunked Dask arrays: the backend of PCA passes without a
+distributed client (`_passes.Here`), and the timing lines every pass logs.
 
-A pass pulls row blocks with ``.compute()``, so the active scheduler (a distributed client or
-Dask's default threads) reads, decompresses and scales the chunks, while this process
-multiplies them: the memory of the products is bounded and predictable.
+A pass pulls row blocks with ``.compute()``, so Dask's threads read, decompress and scale
+the chunks, while this process multiplies them: the memory of the products is bounded and
+predictable.
 """
 
 from __future__ import annotations
@@ -57,18 +58,38 @@ def _fetch(Xc: da.Array, a: int, b: int) -> np.ndarray:
     return np.asarray(Xc[a:b].compute(), dtype=np.float32)
 
 
-def log_phase(phase: str, seconds: float, cpu: float, waited: float = 0.0, rows: int = 0) -> None:
+def log_phase(
+    phase: str,
+    seconds: float,
+    cpu: float,
+    waited: float = 0.0,
+    rows: int = 0,
+    client_bytes: int = 0,
+    data_bytes: int = 0,
+) -> None:
     """One DEBUG line per pass or dense step, with the figures as record attributes
     (`pca_phase`, `pca_seconds`, `pca_cpu`: CPU seconds of the whole process, `pca_waited`,
-    `pca_rows`) for benchmarks/reduce_profile.py."""
+    `pca_rows`, `pca_client_bytes`: bytes this process received, `pca_data_bytes`: bytes of
+    the scaled rows the pass covered) for benchmarks/reduce_profile.py and reduce_cluster.py."""
     figures = {
         "pca_phase": phase,
         "pca_seconds": seconds,
         "pca_cpu": cpu,
         "pca_waited": waited,
         "pca_rows": rows,
+        "pca_client_bytes": client_bytes,
+        "pca_data_bytes": data_bytes,
     }
-    logger.debug("PCA %s: %.2f s (%.2f s on reads)", phase, seconds, waited, extra=figures)
+    logger.debug(
+        "PCA %s: %.2f s (%.2f s on reads), %d rows, %.1f MiB received for %.1f MiB of rows",
+        phase,
+        seconds,
+        waited,
+        rows,
+        client_bytes / 2**20,
+        data_bytes / 2**20,
+        extra=figures,
+    )
 
 
 @contextmanager
@@ -91,21 +112,25 @@ def stream(
     if not steps:
         return
     began = last_report = time.monotonic()
-    cpu, waited = time.process_time(), 0.0
+    cpu, waited, received = time.process_time(), 0.0, 0
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(_fetch, Xc, *steps[0])
         for i, (a, b) in enumerate(steps):
             wait_began = time.monotonic()
             block = pending.result()
             waited += time.monotonic() - wait_began
+            received += block.nbytes
             if i + 1 < len(steps):
                 pending = pool.submit(_fetch, Xc, *steps[i + 1])
             if time.monotonic() - last_report > PROGRESS_SECONDS:  # long passes show progress
                 last_report = time.monotonic()
                 logger.info("PCA pass: rows %d-%d of %d-%d read", a, b, steps[0][0], steps[-1][1])
             yield a, b, block
-    rows = steps[-1][1] - steps[0][0]
-    log_phase(phase, time.monotonic() - began, time.process_time() - cpu, waited, rows)
+    rows = sum(b - a for a, b in steps)
+    data = rows * Xc.shape[1] * 4  # as float32, like the blocks received
+    log_phase(
+        phase, time.monotonic() - began, time.process_time() - cpu, waited, rows, received, data
+    )
 
 
 class _SharedBlasLimit:

@@ -4,19 +4,27 @@ Each batch is stacked under the directions kept so far (as s_i v_i) and a mean-c
 and the stack's SVD (via its small Gram matrix) gives the new directions: Ross et al.'s update,
 as in scikit-learn's IncrementalPCA. Truncating to `batch_size` directions after each batch
 makes it approximate; with `batch_size` >= all rows it is exact.
+
+The updates are a sequential chain (each needs the previous directions). Without a cluster
+this process runs it on blocks Dask's threads read; on a cluster each update is a task that
+takes the previous state (a future) and one batch read on the workers, so the rows never
+come to this process, only the final directions do (`_passes.OnWorkers.chain`).
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
+from typing import Any
 
 import dask.array as da
 import numpy as np
 
 from tasks.reduce._base import ScaledPCABase
 from tasks.reduce._linalg import Fit, flip_signs, top_eigh
+from tasks.reduce._passes import active
 from tasks.reduce._stats import ColumnStats, column_stats, lazy_rows
-from tasks.reduce._stream import logger, product_threads, stream, stream_steps
+from tasks.reduce._stream import logger, product_threads, stream_steps
 
 INCREMENTAL_BATCH = 256  # default rows per update (and components kept)
 
@@ -115,20 +123,18 @@ class ScaledIncrementalPCA(ScaledPCABase):
             running, n_seen = np.zeros(X.shape[1]), 0
         else:
             running, n_seen = (previous.mean - stats.data_min) * self.scale_, previous.n
+        state = Directions(buffer, filled, running, n_seen)
+        del buffer
+        Xs = lazy_rows(X, self._affine(centre=False))
+        step = partial(_batch_update, keep=keep)
         with product_threads():
-            filled = _update_in_batches(
-                lazy_rows(X, self._affine(centre=False)),
-                buffer,
-                filled,
-                batch,
-                keep,
-                running,
-                n_seen,
+            state = active().chain(
+                Xs, stream_steps(Xs), batch, step, state, Directions.copy, "incremental batches"
             )
-        rows = buffer[:filled]
+        rows = state.buffer[: state.k]
         singular = np.sqrt(np.einsum("ij,ij->i", rows, rows, dtype=np.float64))
         retained = rows / singular[:, None].astype(np.float32)
-        del buffer, rows
+        del state, rows
         flip_signs(retained)
         explained = singular**2 / (stats.n - 1)
         k = min(self._needed(explained, total_variance), len(explained))
@@ -185,30 +191,47 @@ class ScaledIncrementalPCA(ScaledPCABase):
         self.components_ = self.retained_[: self.n_components_]
 
 
-def _update_in_batches(
-    Xs: da.Array,
-    buffer: np.ndarray,
-    k: int,
-    batch: int,
-    keep: int,
-    running: np.ndarray,
-    n_seen: int,
-) -> int:
-    """Stream scaled rows into the buffer after its k retained rows, one update per `batch`
-    rows (chunks are copied straight in); return the rows of s_i v_i now in buffer[:k]."""
-    filled = 0
-    for _a, _b, block in stream(Xs, stream_steps(Xs), "incremental batches"):
-        start = 0
-        while start < len(block):
-            take = min(batch - filled, len(block) - start)
-            buffer[k + filled : k + filled + take] = block[start : start + take]
-            filled, start = filled + take, start + take
-            if filled == batch:
-                k, running, n_seen = _stack_update(buffer, k, filled, running, n_seen, keep)
-                filled = 0
-    if filled:
-        k, running, n_seen = _stack_update(buffer, k, filled, running, n_seen, keep)
-    return k
+class Directions:
+    """The state an update passes to the next: buffer[:k] holds the directions kept so far
+    (as s_i v_i) and the rest of the buffer has room for one batch and the mean-correction
+    row; `running` is the mean of the scaled rows seen, over `n_seen` rows.
+
+    Pickled (to move between workers) without the unused room, and sized by its data."""
+
+    def __init__(self, buffer: np.ndarray, k: int, running: np.ndarray, n_seen: int) -> None:
+        self.buffer, self.k, self.running, self.n_seen = buffer, k, running, n_seen
+
+    def copy(self) -> Directions:
+        buffer = np.empty_like(self.buffer)
+        buffer[: self.k] = self.buffer[: self.k]
+        return Directions(buffer, self.k, self.running.copy(), self.n_seen)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {
+            "kept": self.buffer[: self.k],
+            "rows": len(self.buffer),
+            "running": self.running,
+            "n_seen": self.n_seen,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        kept = state["kept"]
+        self.buffer = np.empty((state["rows"], kept.shape[1]), np.float32)
+        self.buffer[: len(kept)] = kept
+        self.k, self.running, self.n_seen = len(kept), state["running"], state["n_seen"]
+
+    def __sizeof__(self) -> int:
+        return self.buffer[: self.k].nbytes + self.running.nbytes
+
+
+def _batch_update(state: Directions, rows: np.ndarray, keep: int) -> Directions:
+    """One update with the next batch of scaled rows, in place."""
+    b = len(rows)
+    state.buffer[state.k : state.k + b] = rows
+    state.k, state.running, state.n_seen = _stack_update(
+        state.buffer, state.k, b, state.running, state.n_seen, keep
+    )
+    return state
 
 
 def _stack_update(

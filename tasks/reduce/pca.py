@@ -24,6 +24,7 @@ import dask.array as da
 from tasks.reduce._base import ScaledPCABase
 from tasks.reduce._covariance import fit_covariance
 from tasks.reduce._gram import fit_gram
+from tasks.reduce._passes import active
 from tasks.reduce._randomized import fit_randomized
 from tasks.reduce._stats import column_stats, lazy_rows
 from tasks.reduce._stream import product_threads
@@ -100,15 +101,18 @@ class ScaledPCA(ScaledPCABase):
         X = self._validate(X, fitting=True)
         n, d = X.shape
         self.solver_ = self.method if self.method == "randomized" or n < d else "covariance"
+        passes = active()  # on the workers when a distributed client is active
         with product_threads():
             if self.solver_ == "gram":  # reads its statistics with the first panel
-                fit = fit_gram(X, self.batch_size, self._scaling, self._needed)
+                fit = fit_gram(X, self.batch_size, self._scaling, self._needed, passes)
             else:
                 Xc = lazy_rows(X, self._scaling(column_stats(X, with_m2=False)))
                 fit = (
-                    fit_covariance(Xc, self._needed)
+                    fit_covariance(Xc, self._needed, passes)
                     if self.solver_ == "covariance"
-                    else fit_randomized(Xc, self.n_components, self.random_state, self._needed)
+                    else fit_randomized(
+                        Xc, self.n_components, self.random_state, self._needed, passes
+                    )
                 )
         self._warn_if_short(self._finish(fit))
         self.method_ = self.method
