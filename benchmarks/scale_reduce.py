@@ -2,7 +2,7 @@
 written into a real feature store, then the real reduce stage (`reduce_cached`, the method
 `auto` picks or one named) runs on them in a fresh process; one table row per size and
 method: wall and CPU time, peak RSS of every process, components, explained variance and the
-streaming passes the fit made.
+passes over the data the stage made (rows read / rows).
 
 The rows are a low-rank signal (RANK directions with a 1/sqrt(i) spectrum) plus isotropic
 noise, each column then given its own gain and offset (so min-max scaling matters). The noise
@@ -161,17 +161,16 @@ def _auto_choice(location: str, memory_limit: float | None) -> str:
     return chosen.describe(shape)
 
 
-def _passes(phases: list[dict]) -> str:
-    """Passes over the rows (streamed phases and the statistics) and the rows they read."""
-    reads = [p for p in phases if p["rows"] or p["phase"] in READ_PHASES]
-    return f"{len(reads)} ({' + '.join(p['phase'] for p in reads)})"
+def _passes(phases: list[dict], rows: int) -> float:
+    """Passes over the data: rows read by the streamed phases (and the statistics) / rows."""
+    return sum(rows if p["phase"] in READ_PHASES else p["rows"] for p in phases) / rows
 
 
 def measure(args: argparse.Namespace, work: Path) -> None:
     header = (
         f"{'rows':>7} {'method':<18} {'wall s':>7} {'CPU s':>7} {'client MB':>9} "
         f"{'workers MB':>13} {'plan GiB':>8} {'k':>4} {'explained':>9} {'load':>9} "
-        f"{'build s':>7} {'stored GB':>9}  passes"
+        f"{'build s':>7} {'stored GB':>9} {'passes':>6}"
     )
     print(header, flush=True)
     for rows in args.rows:
@@ -192,8 +191,8 @@ def measure(args: argparse.Namespace, work: Path) -> None:
             print(
                 f"{rows:>7} {name:<18} {f['wall_s']:>7.1f} {f['cpu_s']:>7.1f} "
                 f"{f['client_mb']:>9.0f} {workers:>13} {f['planned_gib']:>8.1f} {f['k']:>4} "
-                f"{f['explained']:>9.4f} {load:>9} {built:>7.0f} {stored:>9.2f}  "
-                f"{_passes(f['phases'])}",
+                f"{f['explained']:>9.4f} {load:>9} {built:>7.0f} {stored:>9.2f} "
+                f"{_passes(f['phases'], rows):>6.2f}",
                 flush=True,
             )
             if args.verbose:
