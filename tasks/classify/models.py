@@ -1,8 +1,10 @@
 """Classifier stage: fit one named classifier on reduced features and evaluate it.
 
 The features reaching this stage are already scaled and PCA-reduced, so every classifier
-here works on small in-memory numpy arrays. TensorFlow is imported lazily, inside the
-dense-head code only: the scikit-learn path must start without paying its ~7 s import.
+here but `sgd` works on in-memory numpy arrays; `sgd` (streamed.py) reads its rows a buffer at
+a time, from an array here or from the store (`train_and_evaluate_streamed`). TensorFlow is
+imported lazily, inside the dense-head code only: the scikit-learn path must start without
+paying its ~7 s import.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.svm import SVC
 
+from tasks.classify import streamed
+from tasks.classify.streamed import RowSource
 from tasks.classify.svm_grid import svm_grid_search
 
 # The original notebook's grid; a run may pass any other grid as options["param_grid"].
@@ -45,6 +49,7 @@ DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
     "knn": {"n_neighbors": 5},
     "dense256": _DENSE_DEFAULTS,
     "dense64bn": _DENSE_DEFAULTS,
+    "sgd": streamed.DEFAULT_OPTIONS,
 }
 
 
@@ -94,6 +99,13 @@ def _fit_knn(X: np.ndarray, y: np.ndarray, opts: dict, seed: int, n_classes: int
     """k nearest neighbours: shows how well the feature space clusters by class."""
     model = KNeighborsClassifier(n_neighbors=opts["n_neighbors"])
     model.fit(X, y)
+    return _Fitted(model, dict(opts), None)
+
+
+def _fit_sgd(X: np.ndarray, y: np.ndarray, opts: dict, seed: int, n_classes: int) -> _Fitted:
+    """The streamed linear model on rows already in memory (read a buffer at a time all the
+    same, so it is the very model the stage fits from the store)."""
+    model = streamed.fit_streamed(RowSource(X, np.arange(len(X))), y, n_classes, opts, seed)
     return _Fitted(model, dict(opts), None)
 
 
@@ -166,6 +178,7 @@ _FITTERS: dict[str, Callable[[np.ndarray, np.ndarray, dict, int, int], _Fitted]]
     "knn": _fit_knn,
     "dense256": partial(_fit_dense, units=256, batch_norm=False),
     "dense64bn": partial(_fit_dense, units=64, batch_norm=True),
+    "sgd": _fit_sgd,
 }
 
 CLASSIFIERS: tuple[str, ...] = tuple(_FITTERS)
@@ -181,7 +194,8 @@ def resolve_options(name: str, options: dict | None) -> dict[str, Any]:
         raise ValueError(
             f"unknown option(s) {unknown} for {name!r}; valid options: {sorted(defaults)}"
         )
-    return {**defaults, **(options or {})}
+    merged = {**defaults, **(options or {})}
+    return streamed.check_options(merged) if name == "sgd" else merged
 
 
 def predict_scores(model: Any, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -273,7 +287,45 @@ def train_and_evaluate(
     start = time.perf_counter()
     y_pred, scores = predict_scores(fitted.model, X_test)
     predict_seconds = time.perf_counter() - start
+    return _result(name, fitted, y_test, y_pred, scores, fit_seconds, predict_seconds, class_names)
 
+
+def train_and_evaluate_streamed(
+    train: RowSource,
+    y_train: np.ndarray,
+    test: RowSource,
+    y_test: np.ndarray,
+    class_names: list[str],
+    *,
+    options: dict | None = None,
+    seed: int = 0,
+) -> ClassifierResult:
+    """`sgd` on rows left where they are (the store): fitted and scored a buffer at a time."""
+    opts = resolve_options("sgd", options)
+    n_classes = len(class_names)
+    y_train = _check_labels(y_train, n_classes, "y_train")
+    y_test = _check_labels(y_test, n_classes, "y_test")
+
+    start = time.perf_counter()
+    fitted = _Fitted(streamed.fit_streamed(train, y_train, n_classes, opts, seed), opts, None)
+    fit_seconds = time.perf_counter() - start
+
+    start = time.perf_counter()
+    y_pred, scores = streamed.predict_streamed(fitted.model, test, opts["buffer_mib"])
+    predict_seconds = time.perf_counter() - start
+    return _result("sgd", fitted, y_test, y_pred, scores, fit_seconds, predict_seconds, class_names)
+
+
+def _result(
+    name: str,
+    fitted: _Fitted,
+    y_test: np.ndarray,
+    y_pred: np.ndarray,
+    scores: np.ndarray,
+    fit_seconds: float,
+    predict_seconds: float,
+    class_names: list[str],
+) -> ClassifierResult:
     metrics, confusion = classification_metrics(y_test, y_pred, class_names)
     return ClassifierResult(
         name=name,
