@@ -4,10 +4,11 @@ For each n, synthetic rows shaped like PCA output (benchmarks.svm_grid.rows: fou
 classes) are saved as a reduction in a Zarr store; then, each in a fresh process reporting its
 own peak RSS, the svm grid and logreg fit the rows loaded whole (as the classify stage does)
 and sgd fits them streamed from the store. Prints time, peak RSS, the plan's estimate and test
-accuracy per n, then a power law fitted to the svm times (log-log least squares) and its
-extrapolation with the planned memory, from which SVM_MAX_ROWS was chosen.
+accuracy per n, then power laws fitted to the svm times (log-log least squares: the grid's fit
+alone, and load + fit + predict) and the latter's extrapolation with the planned memory, from
+which SVM_MAX_ROWS was chosen.
 
-    .venv/bin/python -m benchmarks.classify_scale --rows 2000,4000,8000 --cols 1930
+    .venv/bin/python -m benchmarks.classify_scale --rows 1000,2000,4000,8000 --cols 1930
 """
 
 from __future__ import annotations
@@ -54,13 +55,15 @@ else:
     X, _ = load_projected(store, "bench")
     result = train_and_evaluate(name, X[train], y[train], X[test], y[test], names)
 seconds = time.perf_counter() - began
-k = store.root["reduced/bench/projected"].shape[1]
-shape = plan.Shape(len(train), len(test), len(y), k, 4)
+array = store.root["reduced/bench/projected"]
+chunk_bytes = 4 * array.chunks[0] * array.chunks[1]
+shape = plan.Shape(len(train), len(test), len(y), array.shape[1], 4, chunk_bytes)
 print(json.dumps({
     "classifier": name,
     "n_train": len(train),
     "seconds": round(seconds, 1),
     "fit_seconds": round(result.fit_seconds, 1),
+    "predict_seconds": round(result.predict_seconds, 1),
     "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
     "planned_mib": plan.peak_bytes(name, shape, resolve_options(name, None)) // 2**20,
     "planned_above_common_mib": (
@@ -84,7 +87,7 @@ def main() -> None:
     from tasks.classify.models import resolve_options
 
     sizes = [int(v) for v in args.rows.split(",")]
-    svm_times = []
+    svm_times, svm_fit_times = [], []
     with tempfile.TemporaryDirectory(prefix="classify-scale-") as work:
         for n in sizes:
             location = str(Path(work) / f"store-{n}")
@@ -95,9 +98,13 @@ def main() -> None:
                 print(json.dumps(figures), flush=True)
                 if name == "svm":
                     svm_times.append(figures["seconds"])
+                    svm_fit_times.append(figures["fit_seconds"])
     if len(svm_times) >= 2:
-        slope, intercept = np.polyfit(np.log(sizes[: len(svm_times)]), np.log(svm_times), 1)
-        print(f"svm seconds ~ {np.exp(intercept):.3g} * n^{slope:.2f}")
+        measured = np.log(sizes[: len(svm_times)])
+        fit_slope = np.polyfit(measured, np.log(svm_fit_times), 1)[0]
+        slope, intercept = np.polyfit(measured, np.log(svm_times), 1)
+        print(f"svm grid fit seconds ~ n^{fit_slope:.2f}")
+        print(f"svm load + fit + predict seconds ~ {np.exp(intercept):.3g} * n^{slope:.2f}")
         options = resolve_options("svm", None)
         for n in (int(v) for v in args.extrapolate.split(",")):
             t = round(n * args.test_share / (1 - args.test_share))

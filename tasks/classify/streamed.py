@@ -77,22 +77,24 @@ class RowSource:
         bounds = np.searchsorted(self.rows[order], edges)
         return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
 
-    def read(self, positions: np.ndarray) -> np.ndarray:
-        """The rows at `positions` (all within one slice): one slice read, then selected."""
+    def read(self, positions: np.ndarray, columns: int | None = None) -> np.ndarray:
+        """The rows at `positions` (all within one slice), their first `columns` columns (all
+        by default): the slice's rows are read one chunk column at a time, then selected."""
         wanted = self.rows[positions]
         low, high = int(wanted.min()), int(wanted.max()) + 1
-        out = np.empty((len(wanted), self.n_columns), dtype=self.array.dtype)
+        width = min(columns or self.n_columns, self.n_columns)
+        out = np.empty((len(wanted), width), dtype=self.array.dtype)
         step = self.chunk_columns
-        for start in range(0, self.n_columns, step):  # one chunk decompressed at a time
-            block = np.asarray(self.array[low:high, start : start + step])
-            out[:, start : start + step] = block[wanted - low]
+        for start in range(0, width, step):  # one chunk decompressed at a time
+            stop = min(start + step, width)
+            out[:, start:stop] = np.asarray(self.array[low:high, start:stop])[wanted - low]
         return out
 
     def leading_columns(self, count: int, buffer_mib: float) -> np.ndarray:
         """The first `count` columns of every row, in `rows` order, a buffer at a time."""
         out = np.empty((len(self.rows), min(count, self.n_columns)), dtype=self.array.dtype)
         for positions in self.slices(self.slice_rows(buffer_mib) * MIX_SLICES):
-            out[positions] = self.read(positions)[:, :count]
+            out[positions] = self.read(positions, count)
         return out
 
 

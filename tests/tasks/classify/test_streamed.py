@@ -146,3 +146,14 @@ def test_a_reduction_that_is_not_there_is_a_store_error(tmp_path: Path) -> None:
 def test_losses_without_class_scores_are_refused() -> None:
     with pytest.raises(ValueError, match="sgd loss must be one of"):
         resolve_options("sgd", {"loss": "hinge"})
+
+
+def test_leading_columns_of_stored_rows_in_the_rows_order(tmp_path: Path) -> None:
+    """The class map's columns: read across several chunk columns, rows in the caller's order."""
+    values = np.random.default_rng(0).normal(size=(30_000, 100)).astype(np.float32)
+    store = FeatureStore(str(tmp_path / "store"))
+    store.save_reduction("r", {"projected": values}, {})
+    rows = np.random.default_rng(1).permutation(30_000)[:5_000]
+    source = stored_rows(store, "r", rows)
+    assert source.chunk_columns < 40 < source.n_columns  # the read spans chunk columns
+    np.testing.assert_array_equal(source.leading_columns(40, buffer_mib=0.5), values[rows, :40])
