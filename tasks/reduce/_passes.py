@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
+from uuid import uuid4
 
 import dask
 import dask.array as da
@@ -170,7 +171,7 @@ class OnWorkers:
     def call(self, phase: str, fn: Callable[..., Any], *args: Any) -> Any:
         """fn(*args) as one task (args may be futures: the task runs where they are)."""
         with self._logged(phase, None, []) as received:
-            (result,) = self._compute([delayed(fn, pure=False)(*args)])
+            (result,) = self._compute([_task(fn)(*args)])
             received.append(sizeof(result))
         return result
 
@@ -210,7 +211,7 @@ class OnWorkers:
     def rows(self, Xc: da.Array, steps: list[tuple[int, int]], phase: str) -> Any:
         """The rows of contiguous `steps` as one array held on a worker (a future: it stays
         there, and Dask recomputes it from the graph if that worker is lost)."""
-        joined = delayed(_concatenate, pure=False)(self._blocks(Xc, steps))
+        joined = _task(_concatenate)(self._blocks(Xc, steps))
         if self.client is None:
             return joined.compute(scheduler="threads")
         from distributed import wait
@@ -232,12 +233,12 @@ class OnWorkers:
         if not steps:
             return start
         parts = [
-            delayed(add, pure=False)(None, block, a, b, *shared)
+            _task(add)(None, block, a, b, *shared)
             for block, (a, b) in zip(self._blocks(Xc, steps), steps, strict=True)
         ]
         while len(parts) > 1:
             parts = [
-                delayed(add_arrays, pure=False)(*parts[i : i + SPLIT_EVERY])
+                _task(add_arrays)(*parts[i : i + SPLIT_EVERY])
                 for i in range(0, len(parts), SPLIT_EVERY)
             ]
         with self._logged(phase, Xc, steps) as received:
@@ -256,7 +257,7 @@ class OnWorkers:
         if not steps:
             return
         graphs = [
-            delayed(fn, pure=False)(block, a, b, *shared)
+            _task(fn)(block, a, b, *shared)
             for block, (a, b) in zip(self._blocks(Xc, steps), steps, strict=True)
         ]
         with self._logged(phase, Xc, steps) as received:
@@ -295,7 +296,7 @@ class OnWorkers:
             in_flight: list[Any] = []
             for i in range(0, len(blocks), CHAIN_WINDOW):
                 for block in blocks[i : i + CHAIN_WINDOW]:
-                    node = delayed(_chain_step, pure=False)(step, copy, node, block)
+                    node = _task(_chain_step)(step, copy, node, block)
                 if self.client is None:
                     (node,) = self._compute([node])
                     continue
@@ -306,6 +307,13 @@ class OnWorkers:
             result = node if self.client is None else node.result()
             received.append(sizeof(result))
         return result
+
+
+def _task(fn: Callable[..., Any]) -> Callable[..., Delayed]:
+    """fn as a lazy task keyed "pca-<name>-<unique>": the passes' tasks, told apart on the
+    dashboard and by the scheduler (a test kills the worker running one)."""
+    name = f"pca-{fn.__name__.strip('_').replace('_', '')}"
+    return lambda *args: delayed(fn, pure=False)(*args, dask_key_name=f"{name}-{uuid4().hex}")
 
 
 def _concatenate(blocks: list[np.ndarray]) -> np.ndarray:

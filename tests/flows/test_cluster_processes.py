@@ -1,7 +1,8 @@
 """A cluster as in real life: `dask scheduler` and two `dask worker` processes, each in its own
 working directory, images and feature store on an S3 API (moto's server on loopback), and
 `featurepipe run --dask-address` end to end; once undisturbed, once with a worker SIGKILLed in
-the middle of the extraction. Both must equal a run without any cluster."""
+the middle of the extraction, once with a worker SIGKILLed in the middle of the PCA. All must
+equal a run without any cluster."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,6 +102,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Reference]:
 class Cluster:
     address: str
     workers: list[subprocess.Popen]
+    add_worker: Callable[[str], subprocess.Popen]  # start one more worker with this name
 
 
 @pytest.fixture(scope="module")
@@ -133,16 +135,19 @@ def cluster(reference: Reference, tmp_path_factory: pytest.TempPathFactory) -> I
         "--dashboard-address",
         ":0",
     )
-    workers = [
-        start(f"worker-{i}", "worker", address, "--nthreads", "1", "--no-nanny", "--name", f"w{i}")
-        for i in range(2)
-    ]
+
+    def add_worker(name: str) -> subprocess.Popen:
+        return start(
+            f"worker-{name}", "worker", address, "--nthreads", "1", "--no-nanny", "--name", name
+        )
+
+    workers = [add_worker(f"w{i}") for i in range(2)]
     from distributed import Client
 
     with Client(address, timeout=60) as client:
         client.wait_for_workers(2, timeout=120)
     try:
-        yield Cluster(address, workers)
+        yield Cluster(address, workers, add_worker)
     finally:
         for process in reversed(processes):
             process.kill()
@@ -204,4 +209,43 @@ def test_worker_killed_mid_extraction(
     # chunks finished before the kill were kept, not written again; the rest were done elsewhere
     assert {path: fs.info(path, refresh=True)["LastModified"] for path in done} == before
     assert len(fs.glob(flags, refresh=True)) == 32
+    _assert_same_results(summary, reference, store)
+
+
+def test_worker_killed_mid_pca(reference: Reference, cluster: Cluster, tmp_path: Path) -> None:
+    """Runs after the extraction kill: a third worker replaces the lost one, then the worker
+    running or holding a task of the reduce stage's passes (keyed "pca-...", see
+    tasks/reduce/_passes.py) is SIGKILLed as soon as one is seen: the other worker, with
+    Dask's recomputation of what was lost, must finish the PCA with the same results."""
+    from distributed import Client
+
+    def pca_task_workers(dask_scheduler) -> list[str]:  # runs on the scheduler
+        names = []
+        for ts in dask_scheduler.tasks.values():
+            if ts.prefix.name.startswith("pca-"):
+                holders = [ts.processing_on] if ts.processing_on else list(ts.who_has or ())
+                names += [ws.name for ws in holders]
+        return names
+
+    processes = {f"w{i}": worker for i, worker in enumerate(cluster.workers)}
+    processes["w2"] = cluster.add_worker("w2")
+    store = "s3://features/pca-killed-store"
+    with Client(cluster.address, timeout=60) as client:
+        client.wait_for_workers(2, timeout=120)
+        run = _featurepipe(
+            reference.config,
+            reference.env,
+            store,
+            tmp_path / "runs",
+            "--dask-address",
+            cluster.address,
+        )
+        deadline = time.time() + 240
+        while not (busy := client.run_on_scheduler(pca_task_workers)):
+            assert run.poll() is None and time.time() < deadline, "no PCA task seen"
+            time.sleep(0.01)
+        victim = processes[busy[0]]
+        victim.send_signal(signal.SIGKILL)
+    summary = _summary(run)
+    assert victim.wait() == -signal.SIGKILL
     _assert_same_results(summary, reference, store)
