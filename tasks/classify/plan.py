@@ -25,7 +25,7 @@ threads = min(cores, F x distinct kernels of the grid); B = sgd's buffer_mib):
 The svm terms were checked against the peak RSS of `benchmarks/classify_scale.py` at several n.
 
 Handover rule: an in-memory classifier whose estimate exceeds the limit, and the svm when n
-is above `svm_max_rows` (its time grows faster than n^2: the threshold's measurement is in
+is above `svm_max_rows` (its time grows about as n^2: the threshold's measurement is in
 benchmarks/README.md), runs as `sgd` instead, once however many hand over; one log line and the
 run report say which, why and what instead. If not even `sgd` fits, the stage stops at once.
 """
