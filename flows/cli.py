@@ -100,7 +100,20 @@ Precision = Annotated[
 BatchSize = Annotated[int | None, typer.Option(help="Images per forward pass (default 16).")]
 Classifiers = Annotated[
     str | None,
-    typer.Option(help="Comma list: svm, logreg, knn, dense256, dense64bn (default svm,logreg)."),
+    typer.Option(
+        help="Comma list: svm, logreg, knn, dense256, dense64bn, sgd (default svm,logreg). "
+        "sgd is a linear model trained out of core (partial_fit over the stored rows, a "
+        "buffer at a time); in-memory classifiers whose planned memory exceeds "
+        "--memory-limit hand over to it."
+    ),
+]
+SvmMaxRows = Annotated[
+    int | None,
+    typer.Option(
+        help="Above this many training rows the RBF SVM grid hands over to sgd, with a log "
+        "line and a note in the report (default 20000: the grid's time grows about as n^2, "
+        "measured in benchmarks/README.md)."
+    ),
 ]
 Limit = Annotated[int | None, typer.Option(help="Use at most N images per class.")]
 Variance = Annotated[
@@ -118,7 +131,10 @@ PcaMethod = Annotated[
 ]
 MemoryLimit = Annotated[
     float | None,
-    typer.Option(help="GiB the PCA may plan for (default: 80% of RAM or the cgroup limit)."),
+    typer.Option(
+        help="GiB the PCA and the classifiers may plan for (default: 80% of RAM or the "
+        "cgroup limit)."
+    ),
 ]
 Split = Annotated[
     str | None, typer.Option(help="auto, stratified, grouped, folder (default auto).")
@@ -165,7 +181,12 @@ REDUCE_OPTIONS = {
     "workers": Workers,
     "config": Config,
 }
-CLASSIFY_OPTIONS = {"runs": Runs, "classifiers": Classifiers, **REDUCE_OPTIONS}
+CLASSIFY_OPTIONS = {
+    "runs": Runs,
+    "classifiers": Classifiers,
+    "svm_max_rows": SvmMaxRows,
+    **REDUCE_OPTIONS,
+}
 PIPELINE_OPTIONS = {
     "data": Data,
     "labels": Labels,
@@ -489,6 +510,24 @@ def finetune(
         int | None, typer.Option(help="Early-stopping patience per phase (default 5).")
     ] = None,
     validation_fraction: Float = None,
+    class_weight: Annotated[
+        str | None,
+        typer.Option(help="balanced (default: classes weigh equally in the loss) or none."),
+    ] = None,
+    cache_inputs: Annotated[
+        bool | None,
+        typer.Option(
+            "--cache-inputs/--no-cache-inputs",
+            help="Decode each image once into a uint8 cache beside the runs (default on).",
+        ),
+    ] = None,
+    augment: Annotated[
+        str | None,
+        typer.Option(
+            help="dihedral (default: random 90-degree turns and mirrors), affine "
+            "(--flip, --rotation, --zoom, --translation, --contrast) or none."
+        ),
+    ] = None,
     flip: Annotated[
         str | None, typer.Option(help="none, horizontal, vertical, horizontal_and_vertical.")
     ] = None,

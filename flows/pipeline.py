@@ -217,6 +217,8 @@ def classify_task(
         seed=settings.seed,
         extras=extras,
         options=settings.classifier_options,
+        svm_max_rows=settings.svm_max_rows,
+        memory_limit_gib=settings.memory_limit,
     )
     publish_run(report, run_dir, layer)
     return {"run_id": run_id, "run_dir": str(run_dir), "report": report}

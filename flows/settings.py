@@ -16,6 +16,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from tasks.classify.plan import SVM_MAX_ROWS
 from tasks.data.images import is_url
 from tasks.data.splits import SPLIT_METHODS
 from tasks.errors import UserError
@@ -80,6 +81,9 @@ class ClassifierSettings(BaseModel):
     classifiers: list[str] = Field(default_factory=lambda: ["svm", "logreg"])
     classifier_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="Per classifier, e.g. {svm: {param_grid: {C: [1, 10]}}}"
+    )
+    svm_max_rows: int = Field(
+        SVM_MAX_ROWS, ge=0, description="Training rows above which the SVM grid hands over to sgd"
     )
 
     @field_validator("classifiers", mode="before")
