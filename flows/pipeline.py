@@ -178,6 +178,22 @@ def publish_run(report: RunReport, run_dir: Path, label: str) -> None:
     create_markdown_artifact(artifact_markdown(report, run_dir), description=f"report {label}")
 
 
+# the settings of a run that its features decide, whatever the flags of the run said
+FEATURE_FIELDS = ("backbone", "weights", "image_size", "pooling", "dtype", "precision")
+
+
+def _made_with(store: FeatureStore, feature_key: str) -> dict:
+    """The backbone settings the stored features were made with, `auto` resolved: a run
+    records these (a classify-only run too, whose flags default to other weights), so that
+    `predict` rebuilds the same backbone."""
+    attrs = store.feature_array(feature_key).attrs
+    made = attrs.get("settings", {})
+    return {
+        "precision": attrs.get("precision", "float32"),
+        **{field: made[field] for field in FEATURE_FIELDS if field in made},
+    }
+
+
 @task(name="classify", cache_policy=NO_CACHE, **IO_RETRIES, task_run_name="classify-{layer}")
 def classify_task(
     settings: PipelineSettings,
@@ -194,10 +210,7 @@ def classify_task(
     run_dir = Path(settings.runs) / run_id
     run_settings = {
         **settings.model_dump(mode="json"),
-        # what `auto` became: prediction rebuilds the backbone with the features' precision
-        "precision": FeatureStore(settings.store)
-        .feature_array(reduction.feature_key)
-        .attrs.get("precision", "float32"),
+        **_made_with(FeatureStore(settings.store), reduction.feature_key),
         "layer": layer,
         "dataset": str(settings.data or manifest.root),
         # absolute, so that `predict --run` finds the run's store from any folder

@@ -115,6 +115,12 @@ def test_classify_only_and_store_commands(first_and_second_run) -> None:
     assert classify.returncode == 0, classify.stderr[-3000:]
     summary = json.loads(classify.stdout)
     assert list(summary["accuracy"]) == ["knn"] and summary["n_components"] == 5
+    # the run records the features' backbone settings, not the classify flags' defaults
+    recorded = json.loads((Path(summary["run_dir"]) / "report.json").read_text())["settings"]
+    first_run = json.loads((Path(first["run_dir"]) / "report.json").read_text())["settings"]
+    fields = ("backbone", "weights", "image_size", "pooling", "precision")
+    assert [recorded[f] for f in fields] == [first_run[f] for f in fields]
+    assert recorded["weights"] == "none"
     too_many = featurepipe(
         "classify",
         "--features",
