@@ -109,7 +109,8 @@ class _Phases(logging.Handler):
 
 
 def child(location: str, method: str, workers: int, memory_limit: float | None) -> None:
-    """Run the reduce stage on the store's rows (all of them training rows); print one JSON line.
+    """Run the reduce stage on the store's rows (all of them training rows), from scratch;
+    print one JSON line.
 
     workers = 0: Dask's threads in this process (the stage's default); else a LocalCluster of
     that many worker processes, as `--workers N` gives."""
@@ -124,6 +125,8 @@ def child(location: str, method: str, workers: int, memory_limit: float | None) 
     logger.addHandler(phases)
     logger.setLevel(logging.DEBUG)
     store = FeatureStore(location, "r+")
+    for key, _ in list(store.reductions()):  # an earlier run's result would be a cache hit
+        store.remove(key)
     rows = store.feature_array(KEY).data.shape[0]
     settings = PcaSettings(method=method, memory_limit=memory_limit)
     load = [os.getloadavg()[0]]
