@@ -34,6 +34,7 @@ import numpy as np
 from benchmarks.reduce import build
 
 WAYS = (("here", False), ("workers", False), ("here", True), ("workers", True))
+WAY_NAMES = ["here-threads", "workers-threads", "here-cluster", "workers-cluster"]
 
 
 class _Bytes(logging.Handler):
@@ -59,7 +60,7 @@ def _estimator(method: str, variance: float):
     return ScaledPCA(variance=variance, method=method)
 
 
-def run(path: Path, methods: list[str], variance: float) -> None:
+def run(path: Path, methods: list[str], variance: float, ways: list[str]) -> None:
     import dask.array as da
 
     from tasks.cluster import dask_client
@@ -75,7 +76,7 @@ def run(path: Path, methods: list[str], variance: float) -> None:
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)
     first: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for kind, on_cluster in WAYS:
+    for kind, on_cluster in (WAYS[WAY_NAMES.index(way)] for way in ways):
         cluster = dask_client(workers=2, threads_per_worker=1) if on_cluster else nullcontext()
         with cluster, use(kind):
             for method in methods:
@@ -93,7 +94,7 @@ def run(path: Path, methods: list[str], variance: float) -> None:
                 if method in first:
                     components, rows = first[method]
                     print(
-                        f"  vs here/threads: components within "
+                        f"  vs the first way: components within "
                         f"{np.abs(est.components_ - components).max():.2e}, projected rows within"
                         f" {np.abs(projected - rows).max():.2e}"
                     )
@@ -117,12 +118,15 @@ def main() -> None:
     parser.add_argument(
         "--methods", nargs="+", default=["gram", "randomized", "incremental"], help="PCA methods"
     )
+    parser.add_argument(
+        "--ways", nargs="+", choices=WAY_NAMES, default=WAY_NAMES, help="which ways, in order"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="reduce-cluster-") as work:
         path = args.zarr or Path(work) / "features.zarr"
         if not path.exists():
             build(path, args.rows, args.cols, args.chunk)
-        run(path, args.methods, args.variance)
+        run(path, args.methods, args.variance, args.ways)
 
 
 if __name__ == "__main__":

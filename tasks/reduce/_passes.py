@@ -31,12 +31,13 @@ import dask.array as da
 import numpy as np
 from dask.delayed import Delayed, delayed
 from dask.sizeof import sizeof
+from distributed import wait
 from threadpoolctl import threadpool_limits
 
 from tasks.reduce._stats import ColumnStats, RunningStats, column_stats
 from tasks.reduce._stream import log_phase, stream, timed
 
-SPLIT_EVERY = 8  # partial results merged per task in a fold's tree
+SPLIT_EVERY = 2  # partial results merged per task: a merge holds 3 (k, d) or (d, d) arrays
 CHAIN_WINDOW = 4  # chain steps per submitted window (two windows in flight): bounds read-ahead
 
 Add = Callable[..., Any]
@@ -177,7 +178,7 @@ class OnWorkers:
 
     @staticmethod
     def _blocks(X: da.Array, steps: list[tuple[int, int]]) -> list[Delayed]:
-        """One lazy block per step (steps are contiguous runs of whole chunks)."""
+        """One lazy block per step (contiguous row ranges: the rows are rechunked to them)."""
         if any(b0 != a1 for (_, b0), (a1, _) in zip(steps, steps[1:], strict=False)):
             raise ValueError("steps must be contiguous")
         part = X[steps[0][0] : steps[-1][1]].rechunk({0: tuple(b - a for a, b in steps)})
@@ -214,8 +215,6 @@ class OnWorkers:
         joined = _task(_concatenate)(self._blocks(Xc, steps))
         if self.client is None:
             return joined.compute(scheduler="threads")
-        from distributed import wait
-
         with self._logged(phase, Xc, steps):
             future = self.client.compute(joined)
             wait(future)
@@ -237,10 +236,8 @@ class OnWorkers:
             for block, (a, b) in zip(self._blocks(Xc, steps), steps, strict=True)
         ]
         while len(parts) > 1:
-            parts = [
-                _task(add_arrays)(*parts[i : i + SPLIT_EVERY])
-                for i in range(0, len(parts), SPLIT_EVERY)
-            ]
+            groups = [parts[i : i + SPLIT_EVERY] for i in range(0, len(parts), SPLIT_EVERY)]
+            parts = [_task(add_arrays)(*g) if len(g) > 1 else g[0] for g in groups]
         with self._logged(phase, Xc, steps) as received:
             (result,) = self._compute(parts)
             received.append(sizeof(result))
@@ -303,7 +300,7 @@ class OnWorkers:
                 node = self.client.compute(node)
                 in_flight.append(node)
                 if len(in_flight) > 1:
-                    in_flight.pop(0).result()  # wait, but keep the newer window running
+                    wait(in_flight.pop(0))  # there, not here; the newer window keeps running
             result = node if self.client is None else node.result()
             received.append(sizeof(result))
         return result

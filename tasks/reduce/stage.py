@@ -161,7 +161,8 @@ def reduce_cached(
 ) -> ReduceOutcome:
     """Fit min-max + PCA on the train rows only, project every row, and store both.
 
-    Runs on whatever Dask scheduler is active (a distributed client if one is open).
+    Runs on whatever Dask scheduler is active: with a distributed client open, every PCA pass
+    runs on its workers and only small results come back (tasks/reduce/_passes.py).
     """
     began = time.perf_counter()
     requested = pca.method

@@ -14,6 +14,7 @@ import pytest
 from threadpoolctl import threadpool_limits
 
 from tasks.cluster import dask_client
+from tasks.reduce import _stream
 from tasks.reduce._passes import OnWorkers, active, use
 from tasks.reduce.pca import ScaledIncrementalPCA, ScaledPCA
 from tests.tasks.reduce.test_pca import _features, _zarr
@@ -30,6 +31,15 @@ FITS = [
 @pytest.fixture(scope="module", autouse=True)
 def _one_blas_thread() -> Iterator[None]:
     with threadpool_limits(1):
+        yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _small_steps() -> Iterator[None]:
+    """Steps of 3 chunks (96 rows), so every pass has several steps (folds merge in a tree,
+    an odd count included) and gram's cross products span several blocks."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_stream, "STEP_BYTES", 96 * 3000 * 4)
         yield
 
 
