@@ -31,7 +31,6 @@ import dask.array as da
 import numpy as np
 from dask.delayed import Delayed, delayed
 from dask.sizeof import sizeof
-from distributed import wait
 from threadpoolctl import threadpool_limits
 
 from tasks.reduce._stats import ColumnStats, RunningStats, column_stats
@@ -215,6 +214,8 @@ class OnWorkers:
         joined = _task(_concatenate)(self._blocks(Xc, steps))
         if self.client is None:
             return joined.compute(scheduler="threads")
+        from distributed import wait
+
         with self._logged(phase, Xc, steps):
             future = self.client.compute(joined)
             wait(future)
@@ -288,6 +289,8 @@ class OnWorkers:
         bounds = list(range(start, stop, batch)) + [stop]
         batches = list(zip(bounds[:-1], bounds[1:], strict=True))
         blocks = self._blocks(Xs, batches)
+        from distributed import wait
+
         with self._logged(phase, Xs, steps) as received:
             node: Any = self.share(state)
             in_flight: list[Any] = []
