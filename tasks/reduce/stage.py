@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tasks.data.splits import rows_key
 from tasks.errors import UserError
 from tasks.features.store import FeatureStore, StoreError
-from tasks.reduce.plan import Plan, Shape, check, memory_limit, plan
+from tasks.reduce.plan import Plan, Shape, Workers, check, memory_limit, plan, workers_from
 
 REDUCE_VERSION = "2"  # bump when a code change alters reductions for the same settings
 
@@ -113,8 +113,17 @@ def planned(
     rows, d = features.data.shape
     shape = Shape(len(train_rows), d, rows)
     limit, source = memory_limit(pca.memory_limit)
-    chosen = plan(shape, pca.method, pca.variance, pca.components, limit, source)
+    chosen = plan(shape, pca.method, pca.variance, pca.components, limit, source, _workers())
     return pca.model_copy(update={"method": chosen.method}), chosen, shape
+
+
+def _workers() -> Workers | None:
+    """The workers the PCA passes will run on (the active distributed client's), or None
+    when they run in this process."""
+    from tasks.reduce._passes import active
+
+    client = getattr(active(), "client", None)
+    return None if client is None else workers_from(client.scheduler_info(n_workers=-1))
 
 
 def cached_reduction(
@@ -221,6 +230,8 @@ def reduce_cached(
             "limit_bytes": memory_plan.limit,
             "limit_source": memory_plan.limit_source,
             "expected_components": memory_plan.k,
+            "worker_peak_bytes": memory_plan.worker_peak,
+            "worker_limit_bytes": getattr(memory_plan.workers, "limit", None),
         },
         "seconds": time.perf_counter() - began,
         **lineage,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from distributed import Client, LocalCluster
 
 from tasks.data.scan import scan
 from tasks.data.splits import split_rows
@@ -115,3 +116,38 @@ def test_the_plan_picks_what_fits_for_60000_block3_rows(huge) -> None:
     assert big[0].method == "gram" and big[1].fits
     small = planned(store, key, np.arange(1_000), PcaSettings(memory_limit=24))
     assert small[0].method == "gram" and small[1].peak < 24 * 2**30
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory: pytest.TempPathFactory) -> tuple[FeatureStore, str]:
+    """30,000 x 25,088 (block5_pool wide, n >= d: PCA by the (d, d) covariance) as metadata
+    and done flags only."""
+    store = FeatureStore(str(tmp_path_factory.mktemp("wide") / "store"))
+    array = store.create_feature_array("wide", 30_000, 25_088, "float32", {}, 2**30)
+    array.group["done"][:] = True
+    return store, "wide"
+
+
+def test_workers_too_small_for_the_covariance_get_another_method_or_a_stop(wide) -> None:
+    """The workers' memory_limit, as their scheduler reports it, decides with the plan."""
+    store, key = wide
+    train = np.arange(30_000)
+    fixed = PcaSettings(components=200, memory_limit=64)
+    alone = planned(store, key, train, fixed)
+    assert alone[0].method == "gram" and alone[1].workers is None  # no client: as before
+    with (
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=False,
+            memory_limit="4GiB",
+            dashboard_address=":0",
+        ) as cluster,
+        Client(cluster),
+    ):
+        settings, chosen, _ = planned(store, key, train, fixed)
+        assert chosen.workers.limit == 4 * 2**30 and chosen.workers.count == 2
+        assert settings.method == "incremental" and chosen.worker_peak <= 4 * 2**30
+        with pytest.raises(MemoryPlanError, match=r"more than the 4\.0 GiB per worker"):
+            reduce_cached(store, key, train, fixed.model_copy(update={"method": "gram"}))
+    assert not list(store.reductions())
