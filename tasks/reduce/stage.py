@@ -22,6 +22,10 @@ from tasks.features.store import FeatureStore, StoreError
 from tasks.reduce.plan import Plan, Shape, Workers, check, memory_limit, plan, workers_from
 
 REDUCE_VERSION = "2"  # bump when a code change alters reductions for the same settings
+# Bytes of one chunk of projected rows: the streamed classifier's row slice at its default
+# buffer (buffer_mib 32 / MIX_SLICES 8, tasks/classify/streamed.py), so a pass decompresses
+# each chunk once (a slice smaller than its chunk decompresses the chunk once per slice).
+PROJECTED_CHUNK_BYTES = 4 * 2**20
 
 
 @dataclass
@@ -240,6 +244,7 @@ def reduce_cached(
         key,
         {"projected": projected, **{f"pca_{name}": value for name, value in state.items()}},
         attrs,
+        chunks={"projected": projected_chunks(*projected.shape)},
     )
     return ReduceOutcome(
         key,
@@ -250,6 +255,12 @@ def reduce_cached(
         time.perf_counter() - began,
         explained,
     )
+
+
+def projected_chunks(rows: int, k: int) -> tuple[int, int]:
+    """Chunks of whole rows (every component: a row is read whole, and a column split means
+    one more decompression per slice) of about PROJECTED_CHUNK_BYTES float32."""
+    return max(1, min(rows, PROJECTED_CHUNK_BYTES // (4 * max(k, 1)))), max(k, 1)
 
 
 def _estimator(pca: PcaSettings):

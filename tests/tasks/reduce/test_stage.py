@@ -9,13 +9,21 @@ import numpy as np
 import pytest
 from distributed import Client, LocalCluster
 
+from tasks.classify.streamed import DEFAULT_OPTIONS, stored_rows
 from tasks.data.scan import scan
 from tasks.data.splits import split_rows
 from tasks.errors import UserError
 from tasks.features.extract import ExtractSettings, extract
 from tasks.features.store import FeatureStore
 from tasks.reduce.plan import MemoryPlanError
-from tasks.reduce.stage import PcaSettings, cached_reduction, planned, reduce_cached
+from tasks.reduce.stage import (
+    PcaSettings,
+    cached_reduction,
+    load_projected,
+    planned,
+    projected_chunks,
+    reduce_cached,
+)
 from tests.conftest import write_image
 
 SETTINGS = ExtractSettings(
@@ -151,3 +159,23 @@ def test_workers_too_small_for_the_covariance_get_another_method_or_a_stop(wide)
         with pytest.raises(MemoryPlanError, match=r"more than the 4\.0 GiB per worker"):
             reduce_cached(store, key, train, fixed.model_copy(update={"method": "gram"}))
     assert not list(store.reductions())
+
+
+def test_projected_rows_are_stored_in_chunks_of_whole_rows(tmp_path: Path) -> None:
+    """Chunks hold every component of their rows, one streamed-classifier slice of them: a
+    pass of tasks/classify/streamed.py decompresses each chunk once."""
+    store = FeatureStore(str(tmp_path / "store"))
+    features = store.create_feature_array("synthetic", 12_000, 400, "float32", {}, 2**20)
+    rng = np.random.default_rng(0)
+    for index in range(features.n_chunks):
+        rows = features.chunk_slice(index)
+        features.write_chunk(index, rng.random((rows.stop - rows.start, 400), np.float32))
+    pca = PcaSettings(method="gram", components=300)
+    outcome = reduce_cached(store, "synthetic", np.arange(4_000), pca)
+    array = store.root[f"reduced/{outcome.key}/projected"]
+    rows, columns = array.chunks
+    assert array.shape == (12_000, 300) and columns == 300  # all components in every chunk
+    assert (rows, columns) == projected_chunks(12_000, 300) and rows < 12_000
+    source = stored_rows(store, outcome.key, np.arange(12_000))
+    assert source.slice_rows(DEFAULT_OPTIONS["buffer_mib"]) % rows == 0  # whole chunks a slice
+    np.testing.assert_array_equal(load_projected(store, outcome.key)[0], array[...])
