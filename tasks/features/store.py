@@ -315,8 +315,15 @@ class FeatureStore:
                 yield array
 
     # reductions
-    def save_reduction(self, key: str, arrays: dict[str, Any], attrs: dict[str, Any]) -> None:
-        """Store projected rows and fitted state; `complete` is set last so a crash is visible."""
+    def save_reduction(
+        self,
+        key: str,
+        arrays: dict[str, Any],
+        attrs: dict[str, Any],
+        chunks: dict[str, tuple[int, ...]] | None = None,
+    ) -> None:
+        """Store projected rows and fitted state (in `chunks` by name, Zarr's default chunks
+        otherwise); `complete` is set last so a crash is visible."""
         with self.locked([key]):  # `gc` must not delete it half-written
             group = self._subgroup("reduced").require_group(key)
             group.attrs.put({**attrs, "key": key, "complete": False})
@@ -325,6 +332,7 @@ class FeatureStore:
                 group.create_array(
                     name,
                     data=values,
+                    chunks=(chunks or {}).get(name, "auto"),
                     compressors=_compressor(),
                     overwrite=True,
                     config={"write_empty_chunks": True},
