@@ -13,6 +13,10 @@ from tasks.backbones.registry import get_spec
 from tasks.backbones.settings import BackboneSettings
 from tasks.errors import UserError
 
+# the classifier name of a fine-tuned model in report.json, beside svm, logreg, ...; here, not
+# in training.py, so that predict can recognise such a run without importing TensorFlow
+MODEL_NAME = "finetune"
+
 OPTIMIZERS = ("adam", "adamw", "nadam", "rmsprop", "sgd")
 FLIP_MODES = ("none", "horizontal", "vertical", "horizontal_and_vertical")
 AUGMENTATIONS = ("dihedral", "affine", "none")

@@ -32,12 +32,11 @@ from tasks.finetune.data import (
     validation_rows,
 )
 from tasks.finetune.model import build_finetune_model, compile_model, unfreeze
-from tasks.finetune.settings import FinetuneError, FinetuneSettings, resolved
+from tasks.finetune.settings import MODEL_NAME, FinetuneError, FinetuneSettings, resolved
 from tasks.runs.folder import atomic_write
 from tasks.runs.report import write_run
 from tasks.runs.schema import RunReport
 
-MODEL_NAME = "finetune"  # the classifier name in report.json, beside svm, logreg, ...
 CHECKPOINTS = "checkpoints"
 BEST_FILE, LAST_FILE, STATE_FILE = "best.keras", "last.keras", "state.json"
 

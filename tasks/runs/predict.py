@@ -19,11 +19,10 @@ from tasks.data.unlabelled import scan_for_prediction
 from tasks.errors import UserError
 from tasks.features.extract import ExtractSettings, ProgressCallback, extract
 from tasks.features.store import FeatureStore, StoreError
+from tasks.finetune.settings import MODEL_NAME
 from tasks.runs.folder import load_model, read_report
 from tasks.runs.redact import MASK
 from tasks.runs.schema import RunReport
-
-FINETUNED = "finetune"  # the model name of fine-tuning runs in report.json
 
 
 class PredictError(UserError):
@@ -89,7 +88,7 @@ def plan_prediction(
             f"run {run_dir.name} has no classifier {name!r}; it has {', '.join(report.classifiers)}"
         )
     location = None
-    if name != FINETUNED:
+    if name != MODEL_NAME:
         recorded = report.setting("store") or "?"
         location = store or recorded_store(report)
         feature_store = open_existing_store(location, recorded)
@@ -131,7 +130,7 @@ def predict_folder(
     report = plan.report
     manifest = scan_for_prediction(folder, labels)
     class_names = report.class_names
-    if plan.classifier == FINETUNED:  # an end-to-end network: images in, probabilities out
+    if plan.classifier == MODEL_NAME:  # an end-to-end network: images in, probabilities out
         from tasks.finetune.training import predict_finetuned
 
         predicted, scores = predict_finetuned(report, plan.model, manifest.paths())
