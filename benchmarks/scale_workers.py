@@ -38,29 +38,6 @@ def _backbones_built() -> int:
     return sum(BUILDS.values())
 
 
-def _warm_up(client, settings) -> None:
-    """Every worker builds the backbone it will keep for the extraction's units."""
-    from tasks.backbones.precision import resolve_precision
-    from tasks.features.extract import resolve_backbone
-    from tasks.features.on_cluster import _host_workers, _widths_task
-
-    spec, weights, _ = resolve_backbone(settings)
-    identity = weights.identity
-    # the settings exactly as extract() hands them to the workers (auto resolved), so the
-    # backbone built here is the one the units find in the worker's cache
-    settings = settings.model_copy(
-        update={"precision": resolve_precision(settings.precision, spec.depthwise)}
-    )
-    hosts = _host_workers(client)
-    futures = [
-        client.submit(
-            _widths_task, settings, identity, list(settings.layers), hosts, workers=[w], pure=False
-        )
-        for w in client.scheduler_info()["workers"]
-    ]
-    client.gather(futures)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=96)
@@ -79,6 +56,7 @@ def main() -> None:
     from tasks.cluster import dask_client
     from tasks.data.scan import scan
     from tasks.features.extract import ExtractSettings, extract
+    from tasks.features.on_cluster import warm_workers
     from tasks.features.store import FeatureStore
 
     work = Path(tempfile.mkdtemp(prefix="fp-bench-workers-"))
@@ -95,7 +73,7 @@ def main() -> None:
         store = FeatureStore(str(work / f"store-{workers}"))
         with dask_client(workers=workers, threads_per_worker=1) as client:
             if args.warm:
-                _warm_up(client, settings)
+                warm_workers(client, settings)
             with get_task_stream(client) as stream:
                 began = time.perf_counter()
                 result = extract(manifest, store, settings, client=client)

@@ -179,6 +179,15 @@ def prefetched(
             yield ahead.popleft().result()
 
 
+def with_resolved_precision(settings: ExtractSettings) -> ExtractSettings:
+    """The settings with `auto` precision decided: workers build with the precision the keys
+    name, and a backbone built ahead (warm-up) is the one the units find in their cache."""
+    depthwise = get_spec(settings.backbone).depthwise
+    return settings.model_copy(
+        update={"precision": resolve_precision(settings.precision, depthwise)}
+    )
+
+
 def extract(
     manifest: Manifest,
     store: FeatureStore,
@@ -194,11 +203,7 @@ def extract(
     the missing chunks are split between its workers, each owning whole chunks.
     """
     began = time.perf_counter()
-    # "auto" is decided here, once: workers build with the precision the keys name
-    depthwise = get_spec(settings.backbone).depthwise
-    settings = settings.model_copy(
-        update={"precision": resolve_precision(settings.precision, depthwise)}
-    )
+    settings = with_resolved_precision(settings)
     plan = plan_extraction(manifest, settings)
     store.save_manifest(manifest)
     keys = {layer: plan.key(layer) for layer in plan.layers}

@@ -32,6 +32,7 @@ from tasks.features.extract import (
     resolve_backbone,
     unit_batches,
     unit_writes,
+    with_resolved_precision,
 )
 from tasks.features.store import FeatureStore
 
@@ -167,6 +168,23 @@ def cluster_widths(
     client never builds one (nor imports TensorFlow) to size the arrays."""
     future = client.submit(_widths_task, settings, identity, list(layers), _host_workers(client))
     return future.result()
+
+
+def warm_workers(client, settings: ExtractSettings, layers: Sequence[str] | None = None) -> None:
+    """Every worker builds the backbone now, as its first unit would: a long-lived cluster's
+    first extraction then pays no TensorFlow start-up. `layers`: as the extraction will need
+    them (default: the settings' layers, else the backbone's default layer)."""
+    settings = with_resolved_precision(settings)
+    spec, weights, _ = resolve_backbone(settings)
+    layers = list(layers or settings.layers or (spec.default_layer,))
+    hosts = _host_workers(client)
+    futures = [
+        client.submit(
+            _widths_task, settings, weights.identity, layers, hosts, workers=[w], pure=False
+        )
+        for w in client.scheduler_info()["workers"]
+    ]
+    client.gather(futures)
 
 
 def run_on_cluster(

@@ -48,15 +48,18 @@ def test_two_workers_produce_the_same_store_as_one(images: Path, tmp_path: Path)
         dask_client(workers=2, threads_per_worker=1) as client,
         get_task_stream(client) as stream,
     ):
+        on_cluster.warm_workers(client, SETTINGS)  # what the units build, built ahead
+        warmed = client.run(lambda: sum(on_cluster.BUILDS.values()))
         result = extract(manifest, double, SETTINGS, lambda *p: seen.append(p), client=client)
         builds = client.run(lambda: sum(on_cluster.BUILDS.values()))
     assert result.images_computed == 40 and result.feature_keys == keys
     # one task per unit of whole chunks (not one per worker), spread by the scheduler; each
-    # worker kept one backbone for all its tasks; progress moved once per finished unit
+    # worker kept the backbone it warmed up with for all its tasks; progress moved once per
+    # finished unit
     tasks = Counter(t["worker"] for t in stream.data if t["key"].startswith("extract-unit"))
     units = min(double.feature_array(key).n_chunks for key in keys.values())  # widest chunks
     assert sum(tasks.values()) == units > 2 and len(tasks) == 2
-    assert list(builds.values()) == [1, 1]
+    assert list(warmed.values()) == [1, 1] and list(builds.values()) == [1, 1]
     assert len(seen) == units and seen[-1] == (40, 40)
     assert [done for done, _ in seen] == sorted({done for done, _ in seen})
     for key in keys.values():
