@@ -81,9 +81,6 @@ def main() -> None:
 
     weights = class_weights(labels, len(manifest.class_names))
     for precision in ("float32", "bfloat16"):
-        keras.mixed_precision.set_global_policy(
-            "mixed_bfloat16" if precision == "bfloat16" else "float32"
-        )
         settings = resolved(
             FinetuneSettings(
                 backbone=args.backbone,
@@ -91,6 +88,7 @@ def main() -> None:
                 image_size=size,
                 batch_size=batch,
                 unfreeze_from=args.unfreeze_from,
+                precision=precision,  # the model is built in it, as `finetune --precision`
             )
         )
         model = build_finetune_model(settings, len(manifest.class_names))

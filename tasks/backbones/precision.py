@@ -11,9 +11,10 @@ No TensorFlow import unless an NVIDIA driver is present.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 PRECISIONS = ("float32", "bfloat16", "float16")
@@ -99,6 +100,21 @@ def resolve_precision(requested: str, depthwise: bool = False) -> str:
             logging.WARNING,
         )
     return requested
+
+
+@contextlib.contextmanager
+def keras_policy(precision: str) -> Iterator[None]:
+    """Build (or load) models in `precision` (resolved, not auto): their layers keep its dtype
+    policy. The previous global policy (per thread) comes back afterwards, so models built
+    later in the process, such as dense heads or another extraction, are not affected."""
+    import keras
+
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(KERAS_POLICIES[precision])
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
 
 
 @functools.cache

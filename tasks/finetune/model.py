@@ -9,18 +9,35 @@ from tasks.backbones.registry import BackboneError, get_spec, resolve_weights
 from tasks.finetune.settings import FinetuneSettings
 
 
+def precision_scope(settings: FinetuneSettings):
+    """The Keras dtype policy of settings.precision, for building or loading the model; the
+    global policy is restored afterwards. A checkpoint loaded outside it would get a float32
+    model around its 16-bit layers: float16 would lose its loss scaling and optimizer state."""
+    from tasks.backbones.precision import keras_policy, resolve_precision
+
+    return keras_policy(resolve_precision(settings.precision))
+
+
 def build_finetune_model(settings: FinetuneSettings, n_classes: int):
     """Backbone (frozen, for phase 1) -> pooling -> (BatchNormalization) ->
-    [Dense relu, Dropout]* -> softmax.
+    [Dense relu, Dropout]* -> softmax, built in settings.precision (every layer keeps it).
 
     `settings` must be resolved(); an unknown unfreeze_from layer fails here, before training.
     """
     import keras
 
+    keras.utils.set_random_seed(settings.seed)
+    with precision_scope(settings):
+        return _build(settings, n_classes)
+
+
+def _build(settings: FinetuneSettings, n_classes: int):
+    """The model, its layers in the dtype policy current when it is called."""
+    import keras
+
     from tasks.backbones.registry import build_base
 
     spec = get_spec(settings.backbone)
-    keras.utils.set_random_seed(settings.seed)
     base = build_base(
         spec, resolve_weights(spec, settings.weights, settings.seed), settings.image_size
     )

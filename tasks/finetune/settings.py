@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
+from tasks.backbones.precision import PRECISIONS
 from tasks.backbones.registry import get_spec
 from tasks.backbones.settings import BackboneSettings
 from tasks.errors import UserError
@@ -55,6 +56,13 @@ class FinetuneSettings(BackboneSettings):
         "balanced",
         description="balanced: each class weighs n / (classes x its count) in the loss, so a "
         "rare class counts as much as a common one; none: every image weighs 1",
+    )
+    precision: Literal[PRECISIONS] = Field(
+        "float32",
+        description="Training compute precision: bfloat16 or float16 run the layers in 16 bits "
+        "with float32 weights and a float32 softmax (Keras mixed precision; float16 adds loss "
+        "scaling). float32 by default: the accuracy of 16-bit training is not measured yet, "
+        "and its speed depends on the backbone (benchmarks/README.md)",
     )
     cache_inputs: bool = Field(
         True,

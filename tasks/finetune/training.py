@@ -31,7 +31,7 @@ from tasks.finetune.data import (
     image_dataset,
     validation_rows,
 )
-from tasks.finetune.model import build_finetune_model, compile_model, unfreeze
+from tasks.finetune.model import build_finetune_model, compile_model, precision_scope, unfreeze
 from tasks.finetune.settings import MODEL_NAME, FinetuneError, FinetuneSettings, resolved
 from tasks.runs.folder import atomic_write
 from tasks.runs.report import write_run
@@ -39,6 +39,8 @@ from tasks.runs.schema import RunReport
 
 CHECKPOINTS = "checkpoints"
 BEST_FILE, LAST_FILE, STATE_FILE = "best.keras", "last.keras", "state.json"
+# settings newer than some saved states, with the value those runs trained with
+LATER_SETTINGS = {"precision": "float32"}
 
 logger = logging.getLogger(__name__)
 
@@ -108,11 +110,8 @@ def _resumed_state(run_dir: Path, settings: dict, keys: dict) -> TrainState | No
     state = read_state(run_dir)
     if state is None:
         return None
-    changed = sorted(
-        k
-        for k in settings.keys() | state.settings.keys()
-        if settings.get(k) != state.settings.get(k)
-    )
+    saved = {**LATER_SETTINGS, **state.settings}
+    changed = sorted(k for k in settings.keys() | saved.keys() if settings.get(k) != saved.get(k))
     changed += sorted(k for k in keys if keys[k] != state.keys.get(k))
     if changed:
         raise FinetuneError(
@@ -301,7 +300,8 @@ def run_finetune(
         logger.info(
             "resuming %s at epoch %d (phase %d)", run_dir.name, state.epoch + 1, state.phase
         )
-        model = keras.saving.load_model(run_dir / CHECKPOINTS / LAST_FILE)
+        with precision_scope(settings):  # the model's own policy decides float16's loss scaling
+            model = keras.saving.load_model(run_dir / CHECKPOINTS / LAST_FILE)
 
     labels = np.asarray(manifest.labels)
     preprocess = load_preprocess(spec)

@@ -20,6 +20,7 @@ from tasks.finetune.training import (
     CHECKPOINTS,
     LAST_FILE,
     MODEL_NAME,
+    STATE_FILE,
     FinetuneError,
     predict_finetuned,
     read_state,
@@ -84,6 +85,11 @@ def test_interrupted_training_resumes_and_writes_a_run(image_tree: Path, tmp_pat
 
     with pytest.raises(FinetuneError, match="dropout"):
         run_finetune(manifest, train, test, _with(dropout=0.5), run_dir)
+    # as a state written before `precision` existed (those runs trained in float32): resumable
+    state_file = run_dir / CHECKPOINTS / STATE_FILE
+    saved = json.loads(state_file.read_text())
+    del saved["settings"]["precision"], saved["run_settings"]["precision"]
+    state_file.write_text(json.dumps(saved))
     resumed, resumed_dir = resolve_run(
         FinetuneFlowSettings(runs=run_dir.parent, resume=run_dir.name)
     )
