@@ -514,6 +514,16 @@ def finetune(
         str | None,
         typer.Option(help="balanced (default: classes weigh equally in the loss) or none."),
     ] = None,
+    precision: Annotated[
+        str | None,
+        typer.Option(
+            help="Training compute precision: float32 (default), bfloat16 or float16 (mixed: "
+            "float32 weights, 16-bit math, float32 softmax; float16 adds loss scaling). "
+            "float32 by default because the accuracy of 16-bit training is not measured yet; "
+            "its speed depends on the backbone (benchmarks/README.md, Fine-tuning speed). A "
+            "resumed run keeps its precision; the report records it.",
+        ),
+    ] = None,
     cache_inputs: Annotated[
         bool | None,
         typer.Option(

@@ -288,15 +288,11 @@ def build_feature_model(
     """
     import keras
 
-    from tasks.backbones.precision import KERAS_POLICIES, resolve_precision
+    from tasks.backbones.precision import keras_policy, resolve_precision
 
     check_input_size(spec, image_size)
-    previous = keras.config.dtype_policy()  # per thread; restored so later models are float32
-    keras.config.set_dtype_policy(KERAS_POLICIES[resolve_precision(precision, spec.depthwise)])
-    try:
+    with keras_policy(resolve_precision(precision, spec.depthwise)):
         base = build_base(spec, weights, image_size)
-    finally:
-        keras.config.set_dtype_policy(previous)
     outputs = []
     for name in layers:
         try:
