@@ -464,10 +464,6 @@ def predict(
     _guarded(body)
 
 
-Float = Annotated[float | None, typer.Option()]
-Int = Annotated[int | None, typer.Option()]
-
-
 @app.command(
     help="Fine-tune a backbone end to end: new head with the base frozen, then the "
     "last layers unfrozen at a low learning rate, with augmentation, checkpoints "
@@ -488,17 +484,32 @@ def finetune(
     weights: Weights = None,
     image_size: ImageSize = None,
     head: Annotated[str | None, typer.Option(help="Dense widths (default 512,64).")] = None,
-    dropout: Float = None,
+    dropout: Annotated[
+        float | None, typer.Option(help="Dropout after every hidden Dense layer (default 0.3).")
+    ] = None,
     batch_norm: Annotated[
         bool | None, typer.Option("--batch-norm/--no-batch-norm", help="BatchNorm after pooling.")
     ] = None,
     optimizer: Annotated[
         str | None, typer.Option(help="adam, adamw, nadam, rmsprop, sgd (default adam).")
     ] = None,
-    phase1_epochs: Int = None,
-    phase1_learning_rate: Float = None,
-    phase2_epochs: Int = None,
-    phase2_learning_rate: Float = None,
+    phase1_epochs: Annotated[
+        int | None, typer.Option(help="Epochs training the head on the frozen base (default 10).")
+    ] = None,
+    phase1_learning_rate: Annotated[
+        float | None, typer.Option(help="Learning rate of phase 1 (default 0.001).")
+    ] = None,
+    phase2_epochs: Annotated[
+        int | None,
+        typer.Option(help="Epochs training the head and the unfrozen base layers (default 10)."),
+    ] = None,
+    phase2_learning_rate: Annotated[
+        float | None,
+        typer.Option(
+            help="Learning rate of phase 2 (default 0.0001: the rate of every measured "
+            "full-data run in README)."
+        ),
+    ] = None,
     unfreeze_last: Annotated[
         int | None, typer.Option(help="Base layers trained in phase 2 (default 4).")
     ] = None,
@@ -509,7 +520,13 @@ def finetune(
     patience: Annotated[
         int | None, typer.Option(help="Early-stopping patience per phase (default 5).")
     ] = None,
-    validation_fraction: Float = None,
+    validation_fraction: Annotated[
+        float | None,
+        typer.Option(
+            help="Share of the training rows held out for early stopping when the data has "
+            "no valid/ tree; grouped like --split (default 0.2)."
+        ),
+    ] = None,
     class_weight: Annotated[
         str | None,
         typer.Option(help="balanced (default: classes weigh equally in the loss) or none."),
@@ -541,10 +558,20 @@ def finetune(
     flip: Annotated[
         str | None, typer.Option(help="none, horizontal, vertical, horizontal_and_vertical.")
     ] = None,
-    rotation: Float = None,
-    zoom: Float = None,
-    translation: Float = None,
-    contrast: Float = None,
+    rotation: Annotated[
+        float | None,
+        typer.Option(help="--augment affine: random turn, fraction of a full turn (default 0.05)."),
+    ] = None,
+    zoom: Annotated[
+        float | None, typer.Option(help="--augment affine: random zoom fraction (default 0.1).")
+    ] = None,
+    translation: Annotated[
+        float | None,
+        typer.Option(help="--augment affine: random shift, fraction of the size (default 0.1)."),
+    ] = None,
+    contrast: Annotated[
+        float | None, typer.Option(help="--augment affine: random contrast factor (default 0.1).")
+    ] = None,
     seed: Seed = None,
     config: Config = None,
     json_out: JsonOut = False,

@@ -44,7 +44,9 @@ class FinetuneSettings(BackboneSettings):
     phase1_epochs: int = Field(10, ge=0, description="Epochs with the base frozen")
     phase1_learning_rate: float = Field(1e-3, gt=0.0)
     phase2_epochs: int = Field(10, ge=0, description="Epochs with the top of the base trained")
-    phase2_learning_rate: float = Field(1e-5, gt=0.0)
+    phase2_learning_rate: float = Field(
+        1e-4, gt=0.0, description="The rate of every measured full-data run (README)"
+    )
     unfreeze_last: int = Field(4, ge=0, description="Base layers trained in phase 2")
     unfreeze_from: str | None = Field(
         None, description="Or: train every layer from this one (wins if given)"
