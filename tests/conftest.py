@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -16,6 +17,21 @@ os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="featurepipe-prefe
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+CLI_ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PREFECT_LOGGING_LEVEL": "WARNING"}
+
+
+def featurepipe(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run the `featurepipe` command as a user would: a real process, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "flows", *args],
+        cwd=cwd,
+        env=CLI_ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def write_image(path: Path, seed: int, size: int = 24, tint: int = 0) -> Path:

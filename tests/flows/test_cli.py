@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,22 +11,9 @@ import numpy as np
 import pytest
 
 from tasks.features.store import FeatureStore
-from tests.conftest import write_image
+from tests.conftest import CLI_ENV, featurepipe, write_image
 
 pytestmark = pytest.mark.slow  # see the slow marker in pyproject.toml
-
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PREFECT_LOGGING_LEVEL": "WARNING"}
-
-
-def featurepipe(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "flows", *args],
-        cwd=cwd,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -316,7 +302,7 @@ def test_classifier_only_rerun_never_loads_tensorflow(first_and_second_run) -> N
     done = subprocess.run(
         [sys.executable, "-c", NO_TENSORFLOW, str(work / "store"), str(work / "runs"), key],
         cwd=Path(__file__).parents[2],
-        env=ENV,
+        env=CLI_ENV,
         capture_output=True,
         text=True,
         timeout=600,

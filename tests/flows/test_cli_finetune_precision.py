@@ -5,27 +5,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import featurepipe
+
 pytestmark = pytest.mark.slow  # a real Prefect flow per call, see pyproject.toml
-
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PREFECT_LOGGING_LEVEL": "WARNING"}
-
-
-def featurepipe(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "flows", *args],
-        cwd=cwd,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 def test_a_bfloat16_fine_tuning_is_recorded_and_predicts(image_tree: Path, tmp_path: Path) -> None:
@@ -33,11 +19,11 @@ def test_a_bfloat16_fine_tuning_is_recorded_and_predicts(image_tree: Path, tmp_p
     common = ["finetune", "--data", str(image_tree), "--runs", str(runs), "--weights", "none"]
     common += ["--image-size", "32", "--head", "4", "--phase1-epochs", "1", "--phase2-epochs", "0"]
 
-    refused = featurepipe(tmp_path, *common, "--precision", "auto")
+    refused = featurepipe(*common, "--precision", "auto", cwd=tmp_path)
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines()[-1].startswith("error: invalid settings: precision")
 
-    done = featurepipe(tmp_path, *common, "--precision", "bfloat16", "--json")
+    done = featurepipe(*common, "--precision", "bfloat16", "--json", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     run_id = json.loads(done.stdout)["run_id"]
     report = json.loads((runs / run_id / "report.json").read_text())
@@ -45,7 +31,7 @@ def test_a_bfloat16_fine_tuning_is_recorded_and_predicts(image_tree: Path, tmp_p
 
     out = tmp_path / "predictions.csv"
     predict = ["predict", "--runs", str(runs), "--run", run_id, "--data", str(image_tree)]
-    predicted = featurepipe(tmp_path, *predict, "--out", str(out))
+    predicted = featurepipe(*predict, "--out", str(out), cwd=tmp_path)
     assert predicted.returncode == 0, predicted.stderr[-3000:]
     with out.open() as handle:
         rows = list(csv.DictReader(handle))

@@ -3,31 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tasks.features.store import FeatureStore
+from tests.conftest import featurepipe
 
 pytestmark = pytest.mark.slow  # a real Prefect flow per call, see pyproject.toml
-
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PREFECT_LOGGING_LEVEL": "WARNING"}
 
 
 def extract(data: Path, store: Path, *flags: str) -> subprocess.CompletedProcess:
     args = ["extract", "--data", str(data), "--store", str(store), "--weights", "none"]
     args += ["--image-size", "32", "--layers", "block1_pool", "--json", *flags]
-    return subprocess.run(
-        [sys.executable, "-m", "flows", *args],
-        cwd=store.parent,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return featurepipe(*args, cwd=store.parent)
 
 
 def test_precision_flag_reaches_the_stored_features(image_tree: Path, tmp_path: Path) -> None:

@@ -36,18 +36,24 @@ def _crash(epoch: int, logs: dict) -> None:
     raise RuntimeError("simulated crash")
 
 
+def _conv_dtypes(model) -> set[str]:
+    """The compute dtypes of the backbone's convolutions inside a fine-tuning model."""
+    import keras
+
+    return {
+        layer.dtype_policy.compute_dtype
+        for layer in base_of(model).layers
+        if isinstance(layer, keras.layers.Conv2D)
+    }
+
+
 def _probe(seen: dict):
     """A callback noting, as training begins, how the model being trained computes."""
     import keras
 
     class Probe(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):
-            convs = [
-                layer
-                for layer in base_of(self.model).layers
-                if isinstance(layer, keras.layers.Conv2D)
-            ]
-            seen["conv"] = {layer.dtype_policy.compute_dtype for layer in convs}
+            seen["conv"] = _conv_dtypes(self.model)
             seen["softmax"] = self.model.get_layer("head_softmax").dtype_policy.compute_dtype
             seen["model"] = self.model.dtype_policy.name
             seen["optimizer"] = type(self.model.optimizer).__name__
@@ -75,10 +81,7 @@ def test_a_bfloat16_run_trains_in_bfloat16_records_it_and_predicts(
     assert read_report(run_dir).settings["precision"] == "bfloat16"
 
     plan = plan_prediction(run_dir)  # loads the saved model, as `featurepipe predict` does
-    convs = [
-        layer for layer in base_of(plan.model).layers if isinstance(layer, keras.layers.Conv2D)
-    ]
-    assert {layer.dtype_policy.compute_dtype for layer in convs} == {"bfloat16"}
+    assert _conv_dtypes(plan.model) == {"bfloat16"}
     rows, _, info = predict_folder(plan, image_tree)
     assert len(rows) == info["images_computed"] == len(manifest.records)
     assert {row["predicted_class"] for row in rows} <= set(manifest.class_names)
