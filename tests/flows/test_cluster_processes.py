@@ -21,6 +21,7 @@ import yaml
 
 from tasks.features.store import FeatureStore
 from tests.conftest import write_image
+from tests.floats import assert_features_close
 from tests.prefect_server import start_server
 from tests.s3 import free_port, moto_s3, upload
 
@@ -164,7 +165,7 @@ def _assert_same_results(summary: dict, reference: Reference, store: str) -> Non
     ]
     assert keys[0] == keys[1]  # same manifest, features and reduction keys
     features = keys[0]["features"]
-    np.testing.assert_array_equal(
+    assert_features_close(
         ours.feature_array(features).data[...], theirs.feature_array(features).data[...]
     )
     reduced, _ = ours.load_reduction(keys[0]["reduction"])
