@@ -6,20 +6,38 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-# Before Prefect is imported anywhere: its local (ephemeral) API keeps its database here.
+from tests.prefect_server import PrefectServer, launch_server
+
+# Before Prefect is imported anywhere: nothing touches a developer's own Prefect profile.
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="featurepipe-prefect-"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-CLI_ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PREFECT_LOGGING_LEVEL": "WARNING"}
+SESSION_SERVER = pytest.StashKey[PrefectServer]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One real Prefect server for the session, booting while the tests are collected. Every
+    flow records into it: in this process and in each `featurepipe` child, which otherwise
+    starts a temporary server of its own, seconds of CPU per command (benchmarks/README.md)."""
+    if "PREFECT_API_URL" not in os.environ:
+        server = launch_server(Path(os.environ["PREFECT_HOME"]) / "session-server")
+        os.environ["PREFECT_API_URL"] = server.env["PREFECT_API_URL"]
+        config.stash[SESSION_SERVER] = server
+
+
+def cli_env() -> dict[str, str]:
+    """The environment of a `featurepipe` child: this session's, TensorFlow and Prefect quiet."""
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PREFECT_LOGGING_LEVEL": "WARNING"}
 
 
 def featurepipe(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -27,7 +45,7 @@ def featurepipe(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "flows", *args],
         cwd=cwd,
-        env=CLI_ENV,
+        env=cli_env(),
         capture_output=True,
         text=True,
         timeout=600,
@@ -44,19 +62,27 @@ def write_image(path: Path, seed: int, size: int = 24, tint: int = 0) -> Path:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _stop_prefect_temporary_server():
-    """Send Prefect's queued logs and events, then stop its temporary local server, while
-    pytest still captures output: left to atexit hooks, the server's last log line goes into a
-    closed stream after the summary ('--- Logging error ---')."""
+def _session_prefect_server(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Wait for the session's server before the first test; at the end send Prefect's queued
+    logs and events while it still runs and pytest still captures output (left to atexit
+    hooks, they go to a stopped server and a closed stream)."""
+    server = request.config.stash.get(SESSION_SERVER, None)
+    if server is not None:
+        server.wait_healthy()
     yield
-    if "prefect.server.api.server" in sys.modules:
+    if "prefect.logging.handlers" in sys.modules:
         from prefect.events.worker import EventsWorker
         from prefect.logging.handlers import APILogWorker
-        from prefect.server.api.server import SubprocessASGIServer
 
         APILogWorker.drain_all(timeout=30)
         EventsWorker.drain_all(timeout=30)
-        SubprocessASGIServer().stop()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Stop the session's server, also when the session ended before its first test."""
+    server = config.stash.get(SESSION_SERVER, None)
+    if server is not None:
+        server.stop()
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,15 +18,10 @@ from typing import Any, TypeVar
 
 import httpx
 
+from tests.s3 import free_port
+
 T = TypeVar("T")
 PREFECT = str(Path(sys.executable).parent / "prefect")
-
-
-def free_port() -> int:
-    """A port nobody listens on right now (the server binds it a few seconds later)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_until(
@@ -98,9 +92,27 @@ class PrefectServer:
     def stop(self) -> None:
         stop_process(self.process)
 
+    def wait_healthy(self, timeout: float = 120.0) -> None:
+        """Return once `/api/health` answers; stop the server and fail if it never does."""
 
-def start_server(home: Path, timeout: float = 120.0) -> PrefectServer:
-    """Start `prefect server start` on a free port with PREFECT_HOME=`home`; wait until healthy."""
+        def healthy() -> bool:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"prefect server exited: {self.log.read_text()[-3000:]}")
+            try:
+                return httpx.get(f"{self.url}/api/health", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        try:
+            wait_until(healthy, timeout, "prefect server /api/health")
+        except BaseException:
+            self.stop()
+            raise
+
+
+def launch_server(home: Path) -> PrefectServer:
+    """Start `prefect server start` on a free port with PREFECT_HOME=`home`, without waiting
+    for it: the caller does other work while it boots, then calls `wait_healthy`."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     home.mkdir(parents=True, exist_ok=True)
@@ -115,19 +127,11 @@ def start_server(home: Path, timeout: float = 120.0) -> PrefectServer:
     process = start_process(
         [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, log
     )
-    server = PrefectServer(url, env, process, log)
+    return PrefectServer(url, env, process, log)
 
-    def healthy() -> bool:
-        if process.poll() is not None:
-            raise RuntimeError(f"prefect server exited: {log.read_text()[-3000:]}")
-        try:
-            return httpx.get(f"{url}/api/health", timeout=5).status_code == 200
-        except httpx.HTTPError:
-            return False
 
-    try:
-        wait_until(healthy, timeout, "prefect server /api/health")
-    except BaseException:
-        server.stop()
-        raise
+def start_server(home: Path, timeout: float = 120.0) -> PrefectServer:
+    """Start `prefect server start` on a free port with PREFECT_HOME=`home`; wait until healthy."""
+    server = launch_server(home)
+    server.wait_healthy(timeout)
     return server

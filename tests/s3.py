@@ -42,7 +42,7 @@ def moto_s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     }.items():
         monkeypatch.setenv(name, value)
     try:
-        deadline = time.time() + 30
+        deadline = time.time() + 120  # a loaded machine starts it slowly
         while True:
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()

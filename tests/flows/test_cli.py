@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tasks.features.store import FeatureStore
-from tests.conftest import CLI_ENV, featurepipe, write_image
+from tests.conftest import cli_env, featurepipe, write_image
 
 pytestmark = pytest.mark.slow  # see the slow marker in pyproject.toml
 
@@ -302,7 +302,7 @@ def test_classifier_only_rerun_never_loads_tensorflow(first_and_second_run) -> N
     done = subprocess.run(
         [sys.executable, "-c", NO_TENSORFLOW, str(work / "store"), str(work / "runs"), key],
         cwd=Path(__file__).parents[2],
-        env=CLI_ENV,
+        env=cli_env(),
         capture_output=True,
         text=True,
         timeout=600,

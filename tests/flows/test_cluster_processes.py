@@ -20,9 +20,8 @@ import pytest
 import yaml
 
 from tasks.features.store import FeatureStore
-from tests.conftest import write_image
+from tests.conftest import cli_env, write_image
 from tests.floats import assert_features_close
-from tests.prefect_server import start_server
 from tests.s3 import free_port, moto_s3, upload
 
 pytestmark = pytest.mark.slow
@@ -51,7 +50,7 @@ class Reference:
     summary: dict
     store: str
     config: Path
-    env: dict[str, str]  # S3 endpoint and credentials, the module's Prefect server
+    env: dict[str, str]  # S3 endpoint and credentials, the session's Prefect server
 
 
 def _featurepipe(
@@ -81,10 +80,10 @@ def _summary(process: subprocess.Popen, timeout: float = 300) -> dict:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Reference]:
     """Images on S3 and the same pipeline run in one process (no Dask cluster). Every run
-    records into one Prefect server (a temporary one per command costs seconds each)."""
+    records into the session's Prefect server (tests/conftest.py)."""
     work = tmp_path_factory.mktemp("cluster-processes")
     with pytest.MonkeyPatch.context() as patch, moto_s3(patch):
-        server = start_server(work / "prefect-home")  # after moto: its env has the endpoint
+        env = cli_env()  # after moto: it has the endpoint
         for i in range(32):
             label, tint = ("red", 0) if i % 2 else ("blue", 120)
             write_image(work / "images" / label / f"{i:02d}.png", seed=i, size=32, tint=tint)
@@ -92,11 +91,8 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Reference]:
         config = work / "settings.yaml"
         config.write_text(yaml.safe_dump(SETTINGS))
         store = str(work / "local-store")
-        try:
-            summary = _summary(_featurepipe(config, server.env, store, work / "runs"))
-            yield Reference(summary, store, config, server.env)
-        finally:
-            server.stop()
+        summary = _summary(_featurepipe(config, env, store, work / "runs"))
+        yield Reference(summary, store, config, env)
 
 
 @dataclass

@@ -8,7 +8,6 @@ needed where user namespaces are allowed), so writes fail with ENOSPC exactly as
 
 from __future__ import annotations
 
-import os
 import shlex
 import shutil
 import signal
@@ -24,7 +23,7 @@ from flows.settings import PipelineSettings
 from tasks.data.scan import Manifest, scan
 from tasks.features.extract import ExtractSettings, extract, plan_extraction
 from tasks.features.store import FeatureArray, FeatureStore
-from tests.conftest import write_image
+from tests.conftest import cli_env, write_image
 from tests.floats import assert_features_close
 
 pytestmark = pytest.mark.slow  # see the slow marker in pyproject.toml
@@ -44,7 +43,6 @@ FLAGS = (
     "--batch-size",
     "8",
 )
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PREFECT_LOGGING_LEVEL": "WARNING"}
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -122,7 +120,7 @@ def _extract_on_small_disk(data: Path, work: Path, disk_bytes: int) -> subproces
         ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
         capture_output=True,
         text=True,
-        env=ENV,
+        env=cli_env(),
         timeout=600,
         cwd=REPO,
     )
@@ -170,7 +168,7 @@ def test_ctrl_c_keeps_finished_chunks_and_resumes(tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=ENV,
+        env=cli_env(),
         cwd=REPO,
         preexec_fn=_as_in_a_terminal,
     )
