@@ -51,8 +51,9 @@ Data = Annotated[
 Labels = Annotated[
     Path | None,
     typer.Option(
-        help="CSV of path,label (optional split: train/test) naming the images of --data, "
-        "instead of class folders; paths are relative to --data."
+        help="CSV of path,label (optional split: train/test; optional group: images that "
+        "belong together, e.g. copies of one photo, kept on one side by --split grouped) "
+        "naming the images of --data, instead of class folders; paths are relative to --data."
     ),
 ]
 Store = Annotated[str | None, typer.Option(help="Feature store path (default featurepipe-store).")]
@@ -142,7 +143,10 @@ Split = Annotated[
 TestSize = Annotated[float | None, typer.Option(help="Test fraction (default 0.25).")]
 GroupRegex = Annotated[
     str | None,
-    typer.Option(help="Regex on file names giving the group for --split grouped, e.g. '_(\\d+)_'."),
+    typer.Option(
+        help="Regex on file names giving the group for --split grouped, e.g. '_(\\d+)_' "
+        "(not with a --labels file that has a group column: it gives the groups)."
+    ),
 ]
 Seed = Annotated[
     int | None, typer.Option(help="Seed for splits, init and classifiers (default 0).")
@@ -319,7 +323,12 @@ def _check_labels(settings: Any) -> None:
 
     if is_url(settings.data):
         raise UserError("--labels needs a local --data folder, not a URL")
-    read_labels(settings.labels, settings.data)
+    rows = read_labels(settings.labels, settings.data)
+    if settings.split == "grouped":
+        from tasks.data.splits import group_source
+
+        near_copies = getattr(settings, "group_by", None) == "near-copies"  # not in finetune
+        group_source(any(row.group is not None for row in rows), settings.group_regex, near_copies)
 
 
 def _pipeline_command(flow_name: str) -> Callable:

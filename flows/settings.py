@@ -59,11 +59,14 @@ class DataSettings(BaseModel):
     split: Literal[SPLIT_METHODS] = "auto"
     test_size: float = Field(0.25, gt=0.0, lt=1.0)
     group_regex: str | None = Field(
-        None, description="File-name regex giving a grouped split's group"
+        None,
+        description="File-name regex giving a grouped split's group (when the labels file has "
+        "no group column)",
     )
     labels: Path | None = Field(
         None,
-        description="CSV of path,label[,split] (paths relative to data) instead of class folders",
+        description="CSV of path,label[,split][,group] (paths relative to data) instead of "
+        "class folders; a group column gives --split grouped its groups",
     )
 
     @field_validator("data", mode="before")
