@@ -148,6 +148,22 @@ GroupRegex = Annotated[
         "(not with a --labels file that has a group column: it gives the groups)."
     ),
 ]
+GroupBy = Annotated[
+    str | None,
+    typer.Option(
+        help="Where --split grouped takes its groups: auto (default: the --labels file's group "
+        "column, else --group-regex) or near-copies (images whose stored features are near-copies, "
+        "joined into groups; for augmented copies of photos when no table names the photo)."
+    ),
+]
+NearCopyThreshold = Annotated[
+    float | None,
+    typer.Option(
+        help="Cosine similarity of two images' stored features at or above which they are "
+        "near-copies, for --group-by near-copies and every run's check of its test images "
+        "(default 0.95)."
+    ),
+]
 Seed = Annotated[
     int | None, typer.Option(help="Seed for splits, init and classifiers (default 0).")
 ]
@@ -180,6 +196,8 @@ REDUCE_OPTIONS = {
     "split": Split,
     "test_size": TestSize,
     "group_regex": GroupRegex,
+    "group_by": GroupBy,
+    "near_copy_threshold": NearCopyThreshold,
     "seed": Seed,
     "dask_address": DaskAddress,
     "workers": Workers,
@@ -295,7 +313,8 @@ def _print_run(summary: dict) -> None:
         scores = ", ".join(f"{name} {acc:.3f}" for name, acc in info["accuracy"].items())
         typer.echo(
             f"{layer}: {info['n_components']} PCA components ({info['pca_method']}); "
-            f"test accuracy: {scores}"
+            f"test accuracy: {scores}; {info['near_copy_share']:.0%} of test images have a "
+            "near-copy in training"
         )
         typer.echo(f"  report: {Path(info['run_dir']) / 'report.md'}")
     typer.echo(
