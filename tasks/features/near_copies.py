@@ -7,9 +7,10 @@ threshold): `near_copy_groups` joins near-copies into groups for `--split groupe
 near-copies`, and `leak_check` tells a run how many of its test images have a near-copy among
 its training images.
 
-Cheap on purpose: rows are compared in blocks of BLOCK_ROWS against all others (never an n x n
-matrix), and rows wider than SKETCH_WIDTH are first hashed down to SKETCH_WIDTH columns (a
-count sketch: one pass over the stored chunks, inner products kept in expectation).
+Cheap on purpose: rows are compared one block of queries at a time against all others
+(BLOCK_BYTES of similarities, never an n x n matrix; the time still grows as n^2), and rows
+wider than SKETCH_WIDTH are first hashed down to SKETCH_WIDTH columns (a count sketch: one pass
+over the stored chunks, inner products kept in expectation).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ GROUP_BY = ("auto", "near-copies")
 DEFAULT_THRESHOLD = 0.95
 NEIGHBOURS = 10  # edges per image in the group graph: enough for the copies of one photo
 SKETCH_WIDTH = 2048  # wider rows are hashed down to this many columns first
-BLOCK_ROWS = 1024  # query rows per matrix product: BLOCK_ROWS x n similarities at a time
+BLOCK_BYTES = 64 << 20  # similarities held at once: a block of query rows x all pool rows
 LEAKY_SHARE = 0.5  # above this share of test images with a near-copy in training, warn
 LEAK_FIX = (
     "split by source: --split grouped with a group column in --labels, or --split grouped "
@@ -68,7 +69,7 @@ def unit_rows(features: Any, seed: int = 0) -> np.ndarray:
     one stored chunk of rows at a time; hashed to SKETCH_WIDTH columns when d is wider. Rows
     of zeros stay zero (similar to nothing)."""
     n, width = features.shape
-    step = int(getattr(features, "chunks", (BLOCK_ROWS,))[0])
+    step = int(getattr(features, "chunks", (1024,))[0])
     sketch = _count_sketch(width, seed) if width > SKETCH_WIDTH else None
     rows = np.empty((n, min(width, SKETCH_WIDTH)), dtype=np.float32)
     for start in range(0, n, step):
@@ -87,8 +88,9 @@ def nearest(
     k = min(k, len(pool) - same)
     index = np.empty((len(queries), k), dtype=np.int64)
     similarity = np.empty((len(queries), k), dtype=np.float32)
-    for start in range(0, len(queries), BLOCK_ROWS):
-        block = queries[start : start + BLOCK_ROWS] @ pool.T
+    step = max(1, BLOCK_BYTES // (4 * len(pool)))
+    for start in range(0, len(queries), step):
+        block = queries[start : start + step] @ pool.T
         if same:
             block[np.arange(len(block)), np.arange(start, start + len(block))] = -np.inf
         top = np.argpartition(-block, k - 1, axis=1)[:, :k]

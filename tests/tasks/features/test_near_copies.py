@@ -50,8 +50,9 @@ def test_wide_rows_are_sketched_keeping_the_cosine_of_near_copies() -> None:
 
 
 def test_nearest_matches_a_full_product_across_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(near_copies, "BLOCK_ROWS", 7)  # several blocks and a ragged last one
     rows = unit_rows(_copies()[0])
+    # blocks of 7 query rows: several blocks and a ragged last one
+    monkeypatch.setattr(near_copies, "BLOCK_BYTES", 7 * 4 * len(rows))
     full = rows @ rows.T
     np.fill_diagonal(full, -np.inf)
     index, similarity = nearest(rows, rows, 3, same=True)
