@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.features.near_copies import DEFAULT_THRESHOLD, leak_check, near_copy_groups, unit_rows
+from tasks.features.near_copies import leak_check, near_copy_groups, unit_rows
 from tasks.features.store import FeatureStore
 
 
@@ -44,8 +44,9 @@ def main() -> None:
     parser.add_argument("--photos", type=int, default=300)
     parser.add_argument("--store", help="an existing feature store (with --key)")
     parser.add_argument("--key", help="a feature key (or unique prefix) in --store")
-    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
+    parser.add_argument("--threshold", default="auto", help="a cosine, or auto (default)")
     args = parser.parse_args()
+    threshold = args.threshold if args.threshold == "auto" else float(args.threshold)
     if args.store:
         store = FeatureStore(args.store, mode="r")
         features = store.feature_array(store.find(args.key)[1]).data
@@ -55,11 +56,11 @@ def main() -> None:
     began = time.perf_counter()
     rows = unit_rows(features)
     read = time.perf_counter()
-    found = near_copy_groups(rows, args.threshold)
+    found = near_copy_groups(rows, threshold)
     grouped = time.perf_counter()
     order = np.random.default_rng(0).permutation(len(rows))
     test, train = np.sort(order[: len(rows) // 4]), np.sort(order[len(rows) // 4 :])
-    check = leak_check(rows, train, test, args.threshold)
+    check = leak_check(rows, train, test, threshold)
     checked = time.perf_counter()
     print(
         json.dumps(
@@ -68,10 +69,13 @@ def main() -> None:
                 "unit_rows_s": round(read - began, 2),
                 "groups_s": round(grouped - read, 2),
                 "check_s": round(checked - grouped, 2),
-                "threshold": args.threshold,
+                "rule": args.threshold,
+                "groups_threshold": round(found.threshold, 4),
                 "n_groups": found.n_groups,
                 "largest_share": round(found.largest_share, 4),
+                "check_threshold": round(check.threshold, 4),
                 "random_split_share": round(check.share, 4),
+                "random_split_leak_estimate": round(check.leak_estimate, 4),
             }
         )
     )

@@ -157,11 +157,12 @@ GroupBy = Annotated[
     ),
 ]
 NearCopyThreshold = Annotated[
-    float | None,
+    str | None,
     typer.Option(
         help="Cosine similarity of two images' stored features at or above which they are "
-        "near-copies, for --group-by near-copies and every run's check of its test images "
-        "(default 0.95)."
+        "near-copies, for --group-by near-copies and every run's check of its test images: a "
+        "number in (0, 1), or auto (default: the cosine that 75% of the training images reach "
+        "to their nearest other training image; all images for --group-by)."
     ),
 ]
 Seed = Annotated[
@@ -314,7 +315,7 @@ def _print_run(summary: dict) -> None:
         typer.echo(
             f"{layer}: {info['n_components']} PCA components ({info['pca_method']}); "
             f"test accuracy: {scores}; {info['near_copy_share']:.0%} of test images have a "
-            "near-copy in training"
+            f"near-copy in training (leak estimate {info['near_copy_leak_estimate']:.0%})"
         )
         typer.echo(f"  report: {Path(info['run_dir']) / 'report.md'}")
     typer.echo(

@@ -187,6 +187,7 @@ def near_copy_groups_task(settings: PipelineSettings, layer: str, feature_key: s
         "groups": found.groups,
         "layer": layer,
         "threshold": found.threshold,
+        "rule": settings.near_copy_threshold if settings.near_copy_threshold == "auto" else "fixed",
         "n_groups": found.n_groups,
         "largest_share": found.largest_share,
     }
@@ -251,15 +252,19 @@ def _near_copy_check(
     files = [record.path for record in manifest.records]
     check = leak_check(rows, train_rows, test_rows, settings.near_copy_threshold, files)
     logger = get_run_logger()
-    logger.info(
-        "%s: %d of %d test images have a near-copy in training (cosine >= %s)",
-        layer,
-        int(check.has_copy.sum()),
-        len(test_rows),
-        check.threshold,
-    )
     if (warning := check.warning()) is not None:
         logger.warning("%s: %s", layer, warning)
+    else:
+        logger.info(
+            "%s: %d of %d test images have a near-copy in training (cosine >= %.4f, %s); "
+            "leak estimate %.0f%%",
+            layer,
+            int(check.has_copy.sum()),
+            len(test_rows),
+            check.threshold,
+            settings.near_copy_threshold if settings.near_copy_threshold == "auto" else "fixed",
+            100 * check.leak_estimate,
+        )
     return check
 
 
@@ -334,6 +339,7 @@ def _reduce_and_classify(
             "run_dir": run["run_dir"],
             "accuracy": run["report"].accuracy(),
             "near_copy_share": run["report"].near_copies["share"],
+            "near_copy_leak_estimate": run["report"].near_copies["leak_estimate"],
         }
     return layers
 
@@ -361,6 +367,7 @@ def _summary(
         "n_components": first["n_components"],
         "accuracy": first["accuracy"],
         "near_copy_share": first["near_copy_share"],
+        "near_copy_leak_estimate": first["near_copy_leak_estimate"],
         "layers": layers,
         "flow_run_id": str(flow_run.id),
         "extract_seconds": extracted.seconds if extracted else 0.0,

@@ -101,17 +101,26 @@ def near_copies_markdown(report: RunReport, file_ref: FileRef) -> str | None:
         [name, _score(check["accuracy_with"][name]), _score(check["accuracy_without"][name])]
         for name in check["accuracy_with"]
     ]
+    leak = check.get("leak_estimate", check["share"])
     verdict = (
-        " **Most test images have a near-copy in training: the test accuracy overstates "
-        f"accuracy on new images** ({LEAK_FIX})."
-        if check["share"] > LEAKY_SHARE
+        f" **Leak estimate {leak:.0%}: when the images are copies of one photo (augmentation, "
+        "bursts), the test accuracy overstates accuracy on new images** "
+        f"({LEAK_FIX})."
+        if leak > LEAKY_SHARE
+        else f" Leak estimate {leak:.0%}."
+    )
+    rule = (
+        " (auto: the cosine 75% of the training images reach to their nearest other training "
+        "image; a leaky split flags about 75% of the test images)"
+        if check.get("rule") == "auto"
         else ""
     )
     return "\n\n".join(
         [
             "## Near-copies of test images in training",
             f"{with_copy} of {n_test} test images ({check['share']:.1%}) have a training image "
-            f"at cosine similarity >= {check['threshold']} in the stored features.{verdict}"
+            f"at cosine similarity >= {check['threshold']:.4f}{rule} in the stored features."
+            f"{verdict}"
             + (
                 f" Each test image's nearest training image: {file_ref(check['file'])}."
                 if "file" in check

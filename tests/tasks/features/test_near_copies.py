@@ -12,6 +12,7 @@ from tasks.features.near_copies import (
     leak_check,
     near_copy_groups,
     nearest,
+    resolve_threshold,
     unit_rows,
 )
 
@@ -106,3 +107,38 @@ def test_mixed_split_is_leaky_only_above_the_documented_share() -> None:
     assert check.warning() is None
     section = check.section(photo[test] % 2, {"svm": photo[test] % 2})
     assert section["accuracy_with"] == {"svm": 1.0} and section["test_with_copy"] == 10
+
+
+def test_auto_threshold_is_the_quantile_of_the_reference_nearest_similarities() -> None:
+    reference = np.linspace(0.8, 1.0, 101)
+    assert resolve_threshold("auto", reference) == pytest.approx(0.85)
+    assert resolve_threshold(0.9, reference) == 0.9
+
+
+def test_auto_check_tells_a_leaky_split_from_a_split_by_photo() -> None:
+    """Scale-free: the same rows shifted to another similarity range (a different backbone,
+    say) give the same verdicts, where a fixed cosine would flag everything or nothing."""
+    rows, photo = _copies()
+    by_row = np.arange(len(rows))
+    leaky_test = by_row[by_row % 5 == 0]
+    clean_test = by_row[photo >= 22]
+    for scale in (1.0, 4.0):  # a common offset makes every cosine higher
+        unit = unit_rows(rows + scale)
+        leaky = leak_check(unit, np.setdiff1d(by_row, leaky_test), leaky_test, "auto")
+        clean = leak_check(unit, np.setdiff1d(by_row, clean_test), clean_test, "auto")
+        assert leaky.rule == clean.rule == "auto"
+        assert leaky.leak_estimate > 0.9 and leaky.leaky and "leak estimate" in leaky.warning()
+        assert clean.leak_estimate < 0.1 and clean.warning() is None
+        fixed = leak_check(unit, np.setdiff1d(by_row, clean_test), clean_test, 0.99)
+        assert fixed.leaky == (scale > 1.0)  # a fixed cosine depends on the range
+        section = leaky.section(photo[leaky_test] % 2, {"svm": photo[leaky_test] % 2})
+        assert section["rule"] == "auto" and section["threshold"] == leaky.threshold
+        assert section["leak_estimate"] == pytest.approx(min(1.0, leaky.share / 0.75))
+
+
+def test_auto_groups_follow_the_photos() -> None:
+    rows, photo = _copies()
+    found = near_copy_groups(unit_rows(rows), "auto")
+    assert found.rule == "auto" and 0.9 < found.threshold < 1.0
+    assert len(set(zip(found.groups, photo, strict=True))) == found.n_groups  # none mixes photos
+    assert found.largest_share == pytest.approx(5 / 150)

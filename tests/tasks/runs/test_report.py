@@ -155,11 +155,13 @@ def test_near_copies_section_csv_and_markdown(tmp_path, results, split) -> None:
 
     n = len(split["y_test"])
     similarity = np.linspace(0.5, 1.0, n, dtype=np.float32)  # the last 60% are copies
-    check = LeakCheck(0.7, np.arange(n), similarity, tuple(f"train_{i}.png" for i in range(n)))
+    files = tuple(f"train_{i}.png" for i in range(n))
+    check = LeakCheck(0.7, 0.7, np.arange(n), similarity, files)  # a fixed cosine
     run_dir, report = _write(tmp_path, results[:2], split, near_copies=check)
     near = report.near_copies
     copy = similarity >= 0.7
     assert near["test_with_copy"] == copy.sum() and near["share"] == pytest.approx(copy.mean())
+    assert near["rule"] == "fixed" and near["leak_estimate"] == near["share"]
     for result in results[:2]:
         right = result.y_pred == split["y_test"]
         assert near["accuracy_with"][result.name] == pytest.approx(right[copy].mean())
@@ -180,7 +182,7 @@ def test_near_copies_section_csv_and_markdown(tmp_path, results, split) -> None:
     assert "overstates accuracy on new images" in markdown
     assert "[near_copies.csv](near_copies.csv)" in markdown
     assert "## Near-copies of test images in training" in artifact_markdown(report, run_dir)
-    clean = LeakCheck(0.7, np.arange(n), np.zeros(n, dtype=np.float32))
+    clean = LeakCheck(0.7, 0.7, np.arange(n), np.zeros(n, dtype=np.float32))
     _, quiet = _write(tmp_path, results[:1], split, near_copies=clean)
     assert quiet.near_copies["accuracy_with"] == {"svm": None}
     assert "overstates" not in (tmp_path / quiet.run_id / "report.md").read_text()
