@@ -38,6 +38,17 @@ def test_toml_config(tmp_path: Path) -> None:
         ({"classifier_options": {"svm": {"grid": 1}}}, "unknown option"),
         ({"colour": "blue"}, "colour"),
         ({"split": "random"}, "split"),
+        ({"group_by": "near-copies"}, "^invalid settings: --group-by near-copies needs --split"),
+        (
+            {"group_by": "near-copies", "split": "grouped", "group_regex": r"_(\d+)_"},
+            "one source, but --group-regex and --group-by near-copies both give them$",
+        ),
+        (
+            {"near_copy_threshold": "1.0"},
+            "near_copy_threshold: a cosine between 0 and 1 .exclusive. or auto, got '1.0'$",
+        ),
+        ({"near_copy_threshold": "high"}, "near_copy_threshold: a cosine between .* got 'high'$"),
+        ({"group_by": "photos"}, "group_by: Input should be 'auto' or 'near-copies'"),
     ],
 )
 def test_bad_values_are_named(values: dict, message: str) -> None:
