@@ -101,7 +101,9 @@ def test_views_are_the_squares_symmetries_image_major() -> None:
     views = np.asarray(dihedral_views(images))
     assert views.shape == (3 * VIEWS, 5, 5, 3)
     for i, image in enumerate(images):
-        for got, expected in zip(views[VIEWS * i : VIEWS * (i + 1)], numpy_views(image)):
+        for got, expected in zip(
+            views[VIEWS * i : VIEWS * (i + 1)], numpy_views(image), strict=True
+        ):
             np.testing.assert_array_equal(got, expected)
     scores = np.arange(2 * VIEWS * 3, dtype=float).reshape(2 * VIEWS, 3)
     np.testing.assert_allclose(mean_over_views(scores), [scores[:8].mean(0), scores[8:].mean(0)])
