@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from flows.finetune import FinetuneFlowSettings
 from tasks.backbones.registry import get_spec, load_preprocess
 from tasks.data.images import load_rgb
 from tasks.data.scan import scan
@@ -184,3 +185,10 @@ def test_progress_lines_follow_the_interval() -> None:
         "epoch 1: batch 2/3, 0.2 images/s, 20 s left in the epoch",  # 40 s: past the interval
         "epoch 1: batch 3/3, 0.2 images/s, 0 s left in the epoch",  # the epoch's last batch
     ]
+
+
+def test_the_flow_settings_hand_the_new_options_to_fine_tuning() -> None:
+    options = {"tta": True, "label_smoothing": 0.1, "hue_jitter": 0.05, "contrast_jitter": 0.2}
+    handed = FinetuneFlowSettings(**options).finetune_settings()
+    assert {name: getattr(handed, name) for name in options} == options
+    assert FinetuneFlowSettings().finetune_settings().colour_jitter is False  # off by default
