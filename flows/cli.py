@@ -614,8 +614,8 @@ def finetune(
     label_smoothing: Annotated[
         float | None,
         typer.Option(
-            help="Train towards 1 - s for the true class and s / classes for every class "
-            "instead of hard 0/1 targets, e.g. 0.1 (default 0.0: off)."
+            help="Label smoothing s: train towards 1 - s + s/classes for the true class and "
+            "s/classes for the others instead of hard 0/1 targets, e.g. 0.1 (default 0.0: off)."
         ),
     ] = None,
     tta: Annotated[

@@ -120,8 +120,8 @@ class FinetuneSettings(BackboneSettings):
         0.0,
         ge=0.0,
         lt=1.0,
-        description="Training targets 1 - s for the true class and s / classes spread over all "
-        "(categorical cross-entropy); 0: off, hard labels",
+        description="Training targets 1 - s + s/classes for the true class and s/classes for "
+        "the others (categorical cross-entropy on one-hot targets); 0: off, hard labels",
     )
     tta: bool = Field(
         False,
