@@ -466,21 +466,28 @@ def predict_finetuned(
     paths: Sequence[str | Path],
     batch_size: int = 32,
     tta: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[list[str], np.ndarray]:
     """Class names and softmax probabilities of a fine-tuning run's model (already loaded and
     checked by the caller) for image files, decoded and preprocessed exactly as in training
-    (augmentation off); with `tta`, averaged over each image's 8 dihedral views."""
+    (augmentation off); with `tta`, averaged over each image's 8 dihedral views.
+    `progress(done, total)` counts images after every batch."""
+    import keras
+
     settings = report.settings
     spec = get_spec(settings["backbone"])
+    per_batch = tta_batch(batch_size) if tta else batch_size
     dataset = image_dataset(
-        paths,
-        None,
-        settings["image_size"],
-        load_preprocess(spec),
-        tta_batch(batch_size) if tta else batch_size,
-        views=tta,
+        paths, None, settings["image_size"], load_preprocess(spec), per_batch, views=tta
     )
-    probabilities = np.asarray(model.predict(dataset, verbose=0))
+    total = len(paths)
+    report_batch = keras.callbacks.LambdaCallback(
+        on_predict_batch_end=lambda batch, logs: progress(
+            min((batch + 1) * per_batch, total), total
+        )
+    )
+    callbacks = [report_batch] if progress else []
+    probabilities = np.asarray(model.predict(dataset, verbose=0, callbacks=callbacks))
     if tta:
         probabilities = mean_over_views(probabilities)
     names = report.class_names

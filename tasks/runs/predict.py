@@ -187,7 +187,8 @@ def predict_folder(
     if plan.classifier == MODEL_NAME:  # an end-to-end network: images in, probabilities out
         from tasks.finetune.training import predict_finetuned
 
-        predicted, scores = predict_finetuned(report, plan.model, manifest.paths(), tta=tta)
+        paths = manifest.paths()
+        predicted, scores = predict_finetuned(report, plan.model, paths, tta=tta, progress=progress)
         labels = [class_names.index(label) for label in predicted]
         counts = {"images_computed": len(labels), "images_cached": 0}
     elif tta:

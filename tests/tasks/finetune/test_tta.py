@@ -142,8 +142,10 @@ def test_predict_tta_on_a_finetuned_run(finetuned: dict, tmp_path: Path) -> None
     for path in finetuned["test_paths"]:
         shutil.copy(path, folder / f"{path.parent.name}_{path.name}")
     plan = plan_prediction(finetuned["run_dir"])
-    rows, _, info = predict_folder(plan, folder, tta=True)
+    seen: list[int] = []
+    rows, _, info = predict_folder(plan, folder, lambda done, _: seen.append(done), tta=True)
     paths = sorted(folder.iterdir())
+    assert seen and seen[-1] == len(paths) and seen == sorted(seen)  # images, per batch
     assert [r["file"] for r in rows] == [p.name for p in paths]
     assert info["tta"] and {r["tta_views"] for r in rows} == {VIEWS}
     names = plan.report.class_names
