@@ -150,6 +150,7 @@ def finetune_flow(settings: FinetuneFlowSettings) -> dict:
         "run_id": run_dir.name,
         "run_dir": str(run_dir),
         "accuracy": entry.accuracy,
+        "tta": settings.tta,
         "epochs_run": entry.best_params["epochs_run"],
         "best_epoch": entry.best_params["best_epoch"],
         "resumes": report.extras["resumes"],

@@ -462,14 +462,16 @@ def predict_flow(
     store: str | None = None,
     classifier: str | None = None,
     labels: Path | None = None,
+    tta: bool = False,
 ) -> dict:
     """Predict new images with a finished run and write a CSV (file, class, scores). The
-    store defaults to the run's own; the run is checked before any image is read."""
+    store defaults to the run's own; the run is checked before any image is read. `tta`:
+    scores averaged over each image's 8 dihedral views (tasks.runs.predict)."""
     from tasks.runs.predict import plan_prediction, predict_folder, write_predictions_csv
 
     plan = plan_prediction(run_dir, store, classifier)
     with ExtractProgress(f"predict {plan.report.setting('backbone')}") as progress:
-        rows, manifest, info = predict_folder(plan, data, progress, labels)
+        rows, manifest, info = predict_folder(plan, data, progress, labels, tta)
     write_predictions_csv(rows, out)
     get_run_logger().info("%d predictions written to %s", len(rows), out)
     return {

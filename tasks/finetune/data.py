@@ -18,6 +18,7 @@ from tasks.classify.models import validation_split
 from tasks.data.scan import Manifest
 from tasks.data.splits import split_rows
 from tasks.finetune.settings import FinetuneSettings
+from tasks.finetune.tta import VIEWS, dihedral_views, symmetries
 
 # augment(batch of 0..255 float images, stateless seed pair) -> batch of the same shape
 Augment = Callable[..., object]
@@ -41,20 +42,64 @@ def dihedral(images, seed):
     import tensorflow as tf
 
     draw = tf.random.stateless_uniform(
-        tf.shape(images)[:1], seed=seed, minval=0, maxval=8, dtype=tf.int32
+        tf.shape(images)[:1], seed=seed, minval=0, maxval=VIEWS, dtype=tf.int32
     )
-    turns = tf.stack([tf.image.rot90(images, k) for k in range(4)], axis=1)
-    turned = tf.gather(turns, draw % 4, axis=1, batch_dims=1)
-    mirror = tf.reshape(draw >= 4, (-1, 1, 1, 1))
-    return tf.where(mirror, tf.reverse(turned, axis=[2]), turned)
+    return tf.gather(symmetries(images), draw, axis=1, batch_dims=1)
+
+
+def colour_jitter(images, seed, settings: FinetuneSettings):
+    """Each image's brightness, contrast, saturation and hue moved by its own random amount
+    (uniform in +-the setting), on 0..255 pixels, clipped back into that range: stains and
+    microscopes differ between photos, so the model must not learn one photo's tint.
+
+    The draws come from the batch's stateless seed, so a resumed epoch replays them."""
+    import tensorflow as tf
+
+    n = tf.shape(images)[:1]
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=4)
+
+    def draw(index: int, amount: float):
+        value = tf.random.stateless_uniform(n, seed=seeds[index], minval=-amount, maxval=amount)
+        return tf.reshape(value, (-1, 1, 1, 1))
+
+    out = images
+    if settings.brightness_jitter:  # a shift of up to the fraction of the full range
+        out = out + 255.0 * draw(0, settings.brightness_jitter)
+    if settings.contrast_jitter:  # spread around each image's channel means
+        mean = tf.reduce_mean(out, axis=[1, 2], keepdims=True)
+        out = (out - mean) * (1.0 + draw(1, settings.contrast_jitter)) + mean
+    if settings.saturation_jitter or settings.hue_jitter:
+        hsv = tf.image.rgb_to_hsv(tf.clip_by_value(out, 0.0, 255.0) / 255.0)
+        hue, saturation, value = tf.unstack(hsv, axis=-1)
+        if settings.saturation_jitter:
+            factor = 1.0 + draw(2, settings.saturation_jitter)[..., 0]
+            saturation = tf.clip_by_value(saturation * factor, 0.0, 1.0)
+        if settings.hue_jitter:  # a turn of the colour circle, a fraction of it
+            hue = tf.math.floormod(hue + draw(3, settings.hue_jitter)[..., 0], 1.0)
+        out = 255.0 * tf.image.hsv_to_rgb(tf.stack([hue, saturation, value], axis=-1))
+    return tf.clip_by_value(out, 0.0, 255.0)
 
 
 def augmentation(settings: FinetuneSettings) -> Augment | None:
-    """The training batches' augmentation (settings.augment), or None when it is off.
+    """The training batches' augmentation: the geometric one (settings.augment) then the
+    colour jitter, or None when both are off.
 
     It runs inside tf.data on 0..255 images, before preprocess_input: RandomContrast clips
     to that range, so it must see the raw pixels, and validation/test pipelines skip it.
     """
+    geometric = _geometric(settings)
+    if not settings.colour_jitter:
+        return geometric
+
+    def augment(images, seed):
+        moved = images if geometric is None else geometric(images, seed)
+        return colour_jitter(moved, seed, settings)
+
+    return augment
+
+
+def _geometric(settings: FinetuneSettings) -> Augment | None:
+    """settings.augment as a batch function, or None."""
     if settings.augment == "dihedral":
         return dihedral
     if settings.augment == "none":
@@ -92,10 +137,15 @@ def image_dataset(
     *,
     augment: Augment | None = None,
     shuffle_seed: int | None = None,
+    views: bool = False,
 ):
     """A tf.data pipeline: (shuffle) -> batches read from the cache, or files decoded in
     parallel with Pillow -> (augment, seeded per batch) -> preprocess_input -> prefetch.
-    Only paths or cache rows sit in memory, never the images."""
+    Only paths or cache rows sit in memory, never the images.
+
+    `labels` are class indices, or one row of targets per image (label smoothing); none for
+    prediction. `views`: each batch becomes its images' 8 dihedral views, image-major (for
+    test-time augmentation; labels must then be None)."""
     import tensorflow as tf
 
     from tasks.data.images import load_rgb
@@ -104,7 +154,8 @@ def image_dataset(
     keys = images.rows if cached else [str(p) for p in images]
     columns = [tf.constant(np.asarray(keys))]
     if labels is not None:
-        columns.append(tf.constant(np.asarray(labels, dtype=np.int32)))
+        labels = np.asarray(labels)
+        columns.append(tf.constant(labels.astype(np.int32 if labels.ndim == 1 else np.float32)))
     dataset = tf.data.Dataset.from_tensor_slices(tuple(columns))
     if shuffle_seed is not None:
         dataset = dataset.shuffle(len(keys), seed=shuffle_seed, reshuffle_each_iteration=True)
@@ -137,6 +188,10 @@ def image_dataset(
             ),
             num_parallel_calls=auto,
         )
+    if views:
+        if labels is not None:
+            raise ValueError("views multiply the images, not their labels: give labels=None")
+        dataset = dataset.map(lambda x, *rest: (dihedral_views(x), *rest), num_parallel_calls=auto)
     dataset = dataset.map(lambda x, *rest: (preprocess(x), *rest), num_parallel_calls=auto)
     return dataset.prefetch(auto)
 

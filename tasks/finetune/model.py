@@ -104,12 +104,19 @@ def base_of(model):
 
 
 def compile_model(model, settings: FinetuneSettings, learning_rate: float) -> None:
+    """Optimizer, loss and accuracy. Label smoothing needs one-hot targets (Keras's sparse
+    loss has no smoothing): the pipelines give them when settings.label_smoothing is set."""
     import keras
 
     optimizer = keras.optimizers.get(
         {"class_name": settings.optimizer, "config": {"learning_rate": learning_rate}}
     )
-    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    loss = (
+        keras.losses.CategoricalCrossentropy(label_smoothing=settings.label_smoothing)
+        if settings.label_smoothing
+        else "sparse_categorical_crossentropy"
+    )
+    model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
 
 
 def unfreeze(model, settings: FinetuneSettings) -> int:

@@ -88,6 +88,55 @@ class FinetuneSettings(BackboneSettings):
     zoom: float = Field(0.1, ge=0.0, lt=1.0, description="augment=affine only")
     translation: float = Field(0.1, ge=0.0, lt=1.0, description="augment=affine only")
     contrast: float = Field(0.1, ge=0.0, le=1.0, description="augment=affine only")
+    brightness_jitter: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Colour jitter, with any augment: each training image's pixels shifted by "
+        "up to this fraction of the full range; 0: off",
+    )
+    contrast_jitter: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Colour jitter: each training image's spread around its channel means "
+        "scaled by 1 +- up to this; 0: off",
+    )
+    saturation_jitter: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Colour jitter: each training image's saturation scaled by 1 +- up to "
+        "this; 0: off",
+    )
+    hue_jitter: float = Field(
+        0.0,
+        ge=0.0,
+        le=0.5,
+        description="Colour jitter: each training image's hue turned by up to this fraction of "
+        "the colour circle (stains differ between photos); 0: off",
+    )
+    label_smoothing: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Training targets 1 - s + s/classes for the true class and s/classes for "
+        "the others (categorical cross-entropy on one-hot targets); 0: off, hard labels",
+    )
+    tta: bool = Field(
+        False,
+        description="Evaluate the test rows with test-time augmentation: each image's 8 "
+        "dihedral views, the softmax averaged (8x the prediction time); training is unchanged",
+    )
+
+    @property
+    def colour_jitter(self) -> bool:
+        return bool(
+            self.brightness_jitter
+            or self.contrast_jitter
+            or self.saturation_jitter
+            or self.hue_jitter
+        )
 
     @model_validator(mode="after")
     def _trains(self):

@@ -32,7 +32,9 @@ from tasks.finetune.data import (
     validation_rows,
 )
 from tasks.finetune.model import build_finetune_model, compile_model, precision_scope, unfreeze
+from tasks.finetune.progress import epoch_progress
 from tasks.finetune.settings import MODEL_NAME, FinetuneError, FinetuneSettings, resolved
+from tasks.finetune.tta import VIEWS, mean_over_views
 from tasks.runs.folder import atomic_write
 from tasks.runs.report import write_run
 from tasks.runs.schema import RunReport
@@ -40,7 +42,15 @@ from tasks.runs.schema import RunReport
 CHECKPOINTS = "checkpoints"
 BEST_FILE, LAST_FILE, STATE_FILE = "best.keras", "last.keras", "state.json"
 # settings newer than some saved states, with the value those runs trained with
-LATER_SETTINGS = {"precision": "float32"}
+LATER_SETTINGS = {
+    "precision": "float32",
+    "brightness_jitter": 0.0,
+    "contrast_jitter": 0.0,
+    "saturation_jitter": 0.0,
+    "hue_jitter": 0.0,
+    "label_smoothing": 0.0,
+    "tta": False,
+}
 
 logger = logging.getLogger(__name__)
 
@@ -198,13 +208,15 @@ def train(
     on_epoch: EpochCallback = _log_epoch,
     callbacks: Sequence = (),
     class_weight: dict[int, float] | None = None,
+    progress: Callable[[Callable[[int], str]], object] | None = None,
 ) -> None:
     """Run (or continue) phase 1 then phase 2, checkpointing every epoch into run_dir.
 
     `model` is the freshly built model, or the last checkpoint when resuming; `datasets(seed)`
     gives (train, validation) pipelines, reshuffled from a seed that moves on with the epoch
     so a resumed run does not replay the shuffles of its first epochs. Phase 2 starts from the
-    best weights so far, not from the epochs early stopping waited through.
+    best weights so far, not from the epochs early stopping waited through. `progress(describe)`
+    gives a Keras callback reporting inside each epoch (describe names an epoch).
     """
     import keras
 
@@ -229,6 +241,12 @@ def train(
         epochs = settings.phase1_epochs if state.phase == 1 else settings.phase2_epochs
         keras.utils.set_random_seed(settings.seed + state.epoch)
         train_data, val_data = datasets(settings.seed + state.epoch)
+        phase = state.phase
+
+        def describe(epoch: int, phase: int = phase) -> str:
+            return f"phase {phase} epoch {epoch + 1}/{planned}"
+
+        inside = [progress(describe)] if progress else []
         model.fit(
             train_data,
             validation_data=val_data,
@@ -237,7 +255,11 @@ def train(
             verbose=0,
             shuffle=False,
             class_weight=class_weight,
-            callbacks=[*_callbacks(run_dir, state, settings, planned, on_epoch), *callbacks],
+            callbacks=[
+                *inside,
+                *_callbacks(run_dir, state, settings, planned, on_epoch),
+                *callbacks,
+            ],
         )
 
 
@@ -253,6 +275,7 @@ def run_finetune(
     on_epoch: EpochCallback = _log_epoch,
     callbacks: Sequence = (),
     group_regex: str | None = None,
+    progress_interval: float = 30.0,
 ) -> RunReport:
     """Fine-tune on the training rows, evaluate the best checkpoint on the test rows, and
     write the run folder; returns its report.
@@ -260,7 +283,8 @@ def run_finetune(
     A run_dir holding an interrupted training (checkpoints/state.json) is resumed, provided
     the settings and rows are the same. `callbacks` are extra Keras callbacks, run after the
     checkpointing ones. `group_regex` groups the validation rows by source image, as the
-    grouped train/test split does.
+    grouped train/test split does. Inside every epoch, progress is logged every
+    `progress_interval` seconds (and shown live on a terminal).
     """
     import keras
 
@@ -304,6 +328,9 @@ def run_finetune(
             model = keras.saving.load_model(run_dir / CHECKPOINTS / LAST_FILE)
 
     labels = np.asarray(manifest.labels)
+    n_classes = len(manifest.class_names)
+    # label smoothing's loss takes one-hot targets; the sparse loss takes class indices
+    targets = np.eye(n_classes, dtype=np.float32)[labels] if settings.label_smoothing else labels
     preprocess = load_preprocess(spec)
     cache = (
         decoded_inputs(run_dir.parent / CACHE_DIR, manifest, settings.image_size)
@@ -311,20 +338,19 @@ def run_finetune(
         else None
     )
     weights_by_class = (
-        class_weights(labels[fit_rows], len(manifest.class_names))
-        if settings.class_weight == "balanced"
-        else None
+        class_weights(labels[fit_rows], n_classes) if settings.class_weight == "balanced" else None
     )
 
-    def pipeline(rows: np.ndarray, augment=None, shuffle_seed: int | None = None):
+    def pipeline(rows: np.ndarray, augment=None, shuffle_seed: int | None = None, views=False):
         return image_dataset(
             manifest.paths(rows) if cache is None else CachedImages(cache, rows),
-            labels[rows],
+            None if views else targets[rows],
             settings.image_size,
             preprocess,
-            settings.batch_size,
+            tta_batch(settings.batch_size) if views else settings.batch_size,
             augment=augment,
             shuffle_seed=shuffle_seed,
+            views=views,
         )
 
     augment = augmentation(settings)
@@ -337,6 +363,9 @@ def run_finetune(
         on_epoch,
         callbacks,
         weights_by_class,
+        lambda describe: epoch_progress(
+            len(fit_rows), settings.batch_size, describe, progress_interval
+        ),
     )
 
     if state.best_val_loss is None or not math.isfinite(state.best_val_loss):
@@ -347,7 +376,9 @@ def run_finetune(
     # Without its optimizer state the saved model is half the size and needs no compile.
     best = keras.saving.load_model(run_dir / CHECKPOINTS / BEST_FILE, compile=False)
     began = time.perf_counter()
-    probabilities = best.predict(pipeline(test_rows), verbose=0)
+    probabilities = best.predict(pipeline(test_rows, views=settings.tta), verbose=0)
+    if settings.tta:
+        probabilities = mean_over_views(probabilities)
     predict_seconds = time.perf_counter() - began
     y_test, y_pred = labels[test_rows], np.argmax(probabilities, axis=1)
     metrics, confusion = classification_metrics(y_test, y_pred, manifest.class_names)
@@ -372,6 +403,9 @@ def run_finetune(
         "n_valid": len(val_rows),
         "n_test": len(test_rows),
         "validation": _validation_kind(manifest, fit_rows, val_rows, group_regex),
+        "test_time_augmentation": f"{VIEWS} dihedral views, softmax averaged"
+        if settings.tta
+        else None,
         "class_weight": (
             {manifest.class_names[c]: w for c, w in weights_by_class.items()}
             if weights_by_class
@@ -420,15 +454,41 @@ def _validation_kind(
     return "stratified"
 
 
+def tta_batch(batch_size: int) -> int:
+    """Images per batch under test-time augmentation: the model still sees about batch_size
+    inputs per step, not 8 times as many."""
+    return max(1, batch_size // VIEWS)
+
+
 def predict_finetuned(
-    report: RunReport, model, paths: Sequence[str | Path], batch_size: int = 32
+    report: RunReport,
+    model,
+    paths: Sequence[str | Path],
+    batch_size: int = 32,
+    tta: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[list[str], np.ndarray]:
     """Class names and softmax probabilities of a fine-tuning run's model (already loaded and
     checked by the caller) for image files, decoded and preprocessed exactly as in training
-    (augmentation off)."""
+    (augmentation off); with `tta`, averaged over each image's 8 dihedral views.
+    `progress(done, total)` counts images after every batch."""
+    import keras
+
     settings = report.settings
     spec = get_spec(settings["backbone"])
-    dataset = image_dataset(paths, None, settings["image_size"], load_preprocess(spec), batch_size)
-    probabilities = np.asarray(model.predict(dataset, verbose=0))
+    per_batch = tta_batch(batch_size) if tta else batch_size
+    dataset = image_dataset(
+        paths, None, settings["image_size"], load_preprocess(spec), per_batch, views=tta
+    )
+    total = len(paths)
+    report_batch = keras.callbacks.LambdaCallback(
+        on_predict_batch_end=lambda batch, logs: progress(
+            min((batch + 1) * per_batch, total), total
+        )
+    )
+    callbacks = [report_batch] if progress else []
+    probabilities = np.asarray(model.predict(dataset, verbose=0, callbacks=callbacks))
+    if tta:
+        probabilities = mean_over_views(probabilities)
     names = report.class_names
     return [names[i] for i in np.argmax(probabilities, axis=1)], probabilities

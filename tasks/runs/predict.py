@@ -4,6 +4,9 @@ New images go through the feature store like any others, so predicting twice on 
 folder extracts nothing the second time. Everything that can be checked without an image (the
 run's store, its reduction, its model files and weights) is checked first, so a wrong store or
 a tampered model fails in seconds, not after an hour of extraction.
+
+With test-time augmentation each image's 8 dihedral views go through the run's backbone (or
+fine-tuned model) in memory, never into the store: the store holds features of files.
 """
 
 from __future__ import annotations
@@ -13,13 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.backbones.registry import get_spec, resolve_weights
+import numpy as np
+
+from tasks.backbones.registry import get_spec, load_preprocess, resolve_weights
 from tasks.data.scan import Manifest
 from tasks.data.unlabelled import scan_for_prediction
 from tasks.errors import UserError
 from tasks.features.extract import ExtractSettings, ProgressCallback, extract
 from tasks.features.store import FeatureStore, StoreError
 from tasks.finetune.settings import MODEL_NAME
+from tasks.finetune.tta import TTA_COLUMN, VIEWS
 from tasks.runs.folder import load_model, read_report
 from tasks.runs.redact import MASK
 from tasks.runs.schema import RunReport
@@ -117,13 +123,61 @@ def extract_settings_of(report: RunReport) -> ExtractSettings:
     )
 
 
+def tta_scores(
+    plan: PredictPlan,
+    manifest: Manifest,
+    progress: ProgressCallback | None = None,
+    images_per_step: int = 8,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and per-class scores of a frozen-feature run with test-time augmentation: each
+    image's 8 dihedral views through the backbone, rounded to the stored feature dtype,
+    projected by the run's scaling + PCA and scored by its classifier; the scores averaged
+    over the views, then argmax. `images_per_step` images (x 8 views) are in memory at a time."""
+    import dask.array as da
+
+    from tasks.classify.models import predict_scores
+    from tasks.features.extract import build_model, prefetched, resolve_backbone
+    from tasks.finetune.tta import dihedral_views, mean_over_views
+    from tasks.reduce.stage import load_pca
+
+    report = plan.report
+    settings = extract_settings_of(report)
+    spec, weights, size = resolve_backbone(settings)
+    backbone = build_model(spec, weights, size, [report.setting("layer")], settings)
+    pca = load_pca(FeatureStore(plan.store), report.keys["reduction"])
+    paths = manifest.paths()
+    steps = [paths[i : i + images_per_step] for i in range(0, len(paths), images_per_step)]
+    preprocess = load_preprocess(spec)
+    scores, done = [], 0
+    # preprocessing is per pixel, so views of preprocessed images are preprocessed views
+    for batch in prefetched(steps, size, preprocess, settings.decode_workers):
+        views = np.asarray(dihedral_views(batch))
+        features = np.concatenate(
+            [
+                np.asarray(backbone.predict_on_batch(views[i : i + settings.batch_size]))
+                for i in range(0, len(views), settings.batch_size)
+            ]
+        )
+        stored_like = features.astype(settings.dtype).astype(np.float32)
+        _, view_scores = predict_scores(plan.model, pca.project(da.from_array(stored_like)))
+        scores.append(mean_over_views(view_scores))
+        done += len(batch)
+        if progress:
+            progress(done, len(paths))
+    averaged = np.concatenate(scores)
+    classes = getattr(plan.model, "classes_", np.arange(averaged.shape[1]))
+    return np.asarray(classes)[np.argmax(averaged, axis=1)], averaged
+
+
 def predict_folder(
     plan: PredictPlan,
     folder: Path,
     progress: ProgressCallback | None = None,
     labels: Path | None = None,
+    tta: bool = False,
 ) -> tuple[list[dict], Manifest, dict]:
-    """Predict every image of `folder` (or those a labels CSV lists) with a checked run."""
+    """Predict every image of `folder` (or those a labels CSV lists) with a checked run;
+    `tta` averages each image's scores over its 8 dihedral views (all computed anew)."""
     from tasks.classify.models import predict_scores
     from tasks.reduce.stage import load_pca  # imports scikit-learn: not needed for the checks
 
@@ -133,8 +187,12 @@ def predict_folder(
     if plan.classifier == MODEL_NAME:  # an end-to-end network: images in, probabilities out
         from tasks.finetune.training import predict_finetuned
 
-        predicted, scores = predict_finetuned(report, plan.model, manifest.paths())
+        paths = manifest.paths()
+        predicted, scores = predict_finetuned(report, plan.model, paths, tta=tta, progress=progress)
         labels = [class_names.index(label) for label in predicted]
+        counts = {"images_computed": len(labels), "images_cached": 0}
+    elif tta:
+        labels, scores = tta_scores(plan, manifest, progress)
         counts = {"images_computed": len(labels), "images_cached": 0}
     else:
         store = FeatureStore(plan.store)
@@ -150,14 +208,17 @@ def predict_folder(
             "true_class": record.label,
             "predicted_class": class_names[int(label)],
             **{f"score_{c}": float(s) for c, s in zip(class_names, row, strict=True)},
+            **({TTA_COLUMN: VIEWS} if tta else {}),
         }
         for record, label, row in zip(manifest.records, labels, scores, strict=True)
     ]
-    return rows, manifest, {"classifier": plan.classifier, "store": plan.store, **counts}
+    info = {"classifier": plan.classifier, "store": plan.store, "tta": tta, **counts}
+    return rows, manifest, info
 
 
 def write_predictions_csv(rows: list[dict], path: Path) -> Path:
-    """One row per image: file, true class ('?' if unknown), predicted class, per-class scores."""
+    """One row per image: file, true class ('?' if unknown), predicted class, per-class scores
+    (and tta_views, 8, when the scores are averages over test-time augmentation's views)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))

@@ -192,6 +192,15 @@ def test_predict_writes_a_csv_and_caches_features(
     assert {f"score_{d}" for d in range(10)} <= set(rows[0])
     again = json.loads(featurepipe(*args, cwd=work).stdout)
     assert again["images_computed"] == 0 and again["images_cached"] == 4
+    assert again["tta"] is False and "tta_views" not in rows[0]
+
+    views = featurepipe(*args, "--tta", cwd=work)  # test-time augmentation: views computed anew
+    assert views.returncode == 0, views.stderr[-3000:]
+    summary = json.loads(views.stdout)
+    assert summary["tta"] is True and summary["images_computed"] == 4
+    tta_rows = list(csv.DictReader(out.open()))
+    assert [r["file"] for r in tta_rows] == [r["file"] for r in rows]
+    assert {r["tta_views"] for r in tta_rows} == {"8"}
 
 
 def test_predict_finds_the_runs_store_and_a_wrong_store_fails_at_once(

@@ -136,3 +136,56 @@ def test_grouped_validation_keeps_copies_of_one_source_on_one_side(tmp_path: Pat
 
     assert not sources(fit) & sources(val)
     assert {manifest.records[i].label for i in val} == {"a", "b"}
+
+
+JITTERS = {
+    "brightness_jitter": 0.1,
+    "contrast_jitter": 0.2,
+    "saturation_jitter": 0.3,
+    "hue_jitter": 0.1,
+}
+
+
+@pytest.mark.parametrize("option", sorted(JITTERS))
+def test_colour_jitter_changes_pixels_as_named_and_replays_its_seed(option: str) -> None:
+    images = np.random.default_rng(1).integers(60, 190, (6, 8, 8, 3)).astype(np.float32)
+    augment = augmentation(FinetuneSettings(augment="none", **{option: JITTERS[option]}))
+    out = np.asarray(augment(images, np.array([0, 3])))
+    assert out.shape == images.shape and 0 <= out.min() and out.max() <= 255
+    assert not np.allclose(out, images, atol=0.5)
+    np.testing.assert_array_equal(out, np.asarray(augment(images, np.array([0, 3]))))
+    assert not np.allclose(out, np.asarray(augment(images, np.array([0, 4]))), atol=0.5)
+    if option == "brightness_jitter":  # one shift per image, a different one for each
+        shifts = (out - images).reshape(len(images), -1)
+        np.testing.assert_allclose(shifts, shifts[:, :1].repeat(shifts.shape[1], 1), atol=1e-3)
+        assert len(np.unique(shifts[:, 0].round(3))) == len(images)
+    elif option == "contrast_jitter":  # spread around each image's channel means
+        np.testing.assert_allclose(out.mean(axis=(1, 2)), images.mean(axis=(1, 2)), atol=1e-2)
+    else:  # saturation and hue keep each pixel's value, max(r, g, b)
+        np.testing.assert_allclose(out.max(axis=-1), images.max(axis=-1), atol=0.05)
+
+
+def test_colour_jitter_off_leaves_pixels_and_on_follows_the_geometric_augmentation() -> None:
+    off = {name: 0.0 for name in JITTERS}
+    assert augmentation(FinetuneSettings(augment="none", **off)) is None
+    assert augmentation(FinetuneSettings(augment="dihedral", **off)) is dihedral
+    images = np.random.default_rng(2).integers(60, 190, (4, 8, 8, 3)).astype(np.float32)
+    seed = np.array([5, 1])
+    both = np.asarray(augmentation(FinetuneSettings(hue_jitter=0.2))(images, seed))
+    turned = np.asarray(dihedral(images, seed))
+    hue_only = augmentation(FinetuneSettings(augment="none", hue_jitter=0.2))
+    np.testing.assert_allclose(both, np.asarray(hue_only(turned, seed)), atol=1e-4)
+
+
+def test_label_smoothing_compiles_a_smoothed_loss() -> None:
+    import keras
+
+    from tasks.finetune.model import compile_model
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="softmax")])
+    compile_model(model, FinetuneSettings(), 1e-3)
+    assert model.loss == "sparse_categorical_crossentropy"  # the default: as before
+    compile_model(model, FinetuneSettings(label_smoothing=0.2), 1e-3)
+    assert model.loss.get_config()["label_smoothing"] == pytest.approx(0.2)
+    sure = model.loss(np.array([[1.0, 0.0]]), np.array([[0.999, 0.001]]))
+    assert float(sure) > 0.5  # being sure is penalised: the target is (0.9, 0.1)

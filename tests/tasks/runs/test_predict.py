@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tasks.backbones.registry import get_spec, resolve_weights
 from tasks.classify.stage import classify_run
 from tasks.data.scan import scan
 from tasks.data.splits import split_rows
@@ -144,3 +145,48 @@ def test_prediction_extracts_with_the_runs_precision(trained: dict) -> None:
     assert extract_settings_of(report).precision == "bfloat16"
     del report.settings["precision"]  # runs from before the option were float32
     assert extract_settings_of(report).precision == "float32"
+
+
+def test_tta_scores_are_the_mean_of_the_8_views_and_nothing_is_stored(
+    trained: dict, tmp_path: Path
+) -> None:
+    """Views computed here with numpy, through the same backbone, PCA and classifier."""
+    import dask.array as da
+
+    from tasks.backbones.registry import build_feature_model, load_preprocess
+    from tasks.data.images import load_rgb
+    from tasks.finetune.tta import VIEWS
+    from tasks.reduce.stage import load_pca
+    from tests.tasks.finetune.test_tta import numpy_views
+
+    plan = plan_prediction(trained["run_dir"])
+    folder = tmp_path / "new"
+    for i in range(3):
+        write_image(folder / f"unseen_{i}.png", seed=50 + i, tint=40 * i)
+    store = FeatureStore(plan.store)
+    arrays_before = sorted(a.key for a in store.feature_arrays())
+    seen = []
+    rows, _, info = predict_folder(plan, folder, lambda done, total: seen.append(done), tta=True)
+    assert (info["images_computed"], info["images_cached"], info["tta"]) == (3, 0, True)
+    assert seen[-1] == 3 and {r["tta_views"] for r in rows} == {VIEWS}
+    assert sorted(a.key for a in store.feature_arrays()) == arrays_before  # views not stored
+
+    spec = get_spec("vgg16")
+    precision = extract_settings_of(plan.report).precision  # bfloat16 where the CPU has it
+    weights = resolve_weights(spec, "none")
+    backbone = build_feature_model(spec, weights, 32, ["block2_pool"], "avg", precision)
+    pca = load_pca(store, plan.report.keys["reduction"])
+    preprocess = load_preprocess(spec)
+    expected, single = [], []
+    for path in sorted(folder.iterdir()):
+        image = load_rgb(path, 32)
+        features = np.asarray(backbone.predict(preprocess(np.stack(numpy_views(image))), verbose=0))
+        probabilities = plan.model.predict_proba(pca.project(da.from_array(features)))
+        expected.append(probabilities.mean(axis=0))
+        single.append(probabilities[0])  # the image as it is: view 0
+    names = plan.report.class_names
+    scores = np.array([[r[f"score_{c}"] for c in names] for r in rows])
+    # other batch compositions through the backbone: float32 rounding differs slightly
+    np.testing.assert_allclose(scores, expected, atol=1e-5)
+    assert np.abs(scores - np.array(single)).max() > 1e-3  # the views changed the scores
+    assert [r["predicted_class"] for r in rows] == [names[i] for i in np.argmax(expected, 1)]
