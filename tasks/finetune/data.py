@@ -16,7 +16,7 @@ import numpy as np
 
 from tasks.classify.models import validation_split
 from tasks.data.scan import Manifest
-from tasks.data.splits import split_rows
+from tasks.data.splits import has_group_column, split_rows
 from tasks.finetune.settings import FinetuneSettings
 from tasks.finetune.tta import VIEWS, dihedral_views, symmetries
 
@@ -215,14 +215,14 @@ def validation_rows(
     group_regex: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(fit_rows, val_rows): the dataset's own valid/ rows if the training rows hold any, else
-    a seeded split of the training rows: grouped by `group_regex` when given (copies of one
-    source image stay on one side, so early stopping is not fooled by near-duplicates), else
-    stratified when the classes allow it."""
+    a seeded split of the training rows: grouped by the labels table's `group` column or by
+    `group_regex` when given (copies of one source image stay on one side, so early stopping
+    is not fooled by near-duplicates), else stratified when the classes allow it."""
     train_rows = np.asarray(train_rows)
     splits = np.asarray([manifest.records[i].split for i in train_rows])
     if (splits == "valid").any():
         return train_rows[splits != "valid"], train_rows[splits == "valid"]
-    if group_regex:
+    if group_regex or has_group_column(manifest):
         subset = Manifest(
             root=manifest.root,
             records=[manifest.records[i] for i in train_rows],

@@ -12,6 +12,7 @@ import pytest
 
 from tasks.backbones.registry import get_spec, load_preprocess
 from tasks.data.images import load_rgb
+from tasks.data.labels import scan_labels
 from tasks.data.scan import scan
 from tasks.data.splits import split_rows
 from tasks.finetune.cache import decoded_inputs
@@ -120,15 +121,25 @@ def test_validation_rows_prefer_the_valid_tree(image_tree: Path, tmp_path: Path)
     assert {folders.records[i].split for i in fit} == {"train"}
 
 
-def test_grouped_validation_keeps_copies_of_one_source_on_one_side(tmp_path: Path) -> None:
+@pytest.mark.parametrize("groups_from", ["regex", "column"])
+def test_grouped_validation_keeps_copies_of_one_source_on_one_side(
+    tmp_path: Path, groups_from: str
+) -> None:
+    lines = ["path,label,group"]
     for label, tint in (("a", 0), ("b", 120)):
         for source in range(10):
             for copy in range(3):  # three augmented copies of each source image
                 path = tmp_path / "cells" / label / f"_{source}_{copy}.png"
                 write_image(path, seed=source * 10 + copy + tint, tint=tint)
-    manifest = scan(tmp_path / "cells")
-    train, _ = split_rows(manifest, "grouped", 0.25, seed=0, group_regex=r"_(\d+)_")
-    fit, val = validation_rows(manifest, train, 0.2, seed=0, group_regex=r"_(\d+)_")
+                lines.append(f"{label}/_{source}_{copy}.png,{label},{label}{source}")
+    regex = r"_(\d+)_" if groups_from == "regex" else None
+    if groups_from == "column":
+        (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+        manifest = scan_labels(tmp_path / "cells", tmp_path / "labels.csv")
+    else:
+        manifest = scan(tmp_path / "cells")
+    train, _ = split_rows(manifest, "grouped", 0.25, seed=0, group_regex=regex)
+    fit, val = validation_rows(manifest, train, 0.2, seed=0, group_regex=regex)
     assert sorted([*fit, *val]) == sorted(train) and len(val)
 
     def sources(rows):
