@@ -20,6 +20,9 @@ os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="featurepipe-prefe
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Unit tests call task code outside any flow run: its featurepipe.* log lines are not for the
+# session's API, and Prefect would warn about each one.
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
 
 SESSION_SERVER = pytest.StashKey[PrefectServer]()
