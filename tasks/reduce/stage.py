@@ -62,8 +62,8 @@ class PcaSettings(BaseModel):
     method: Literal[PCA_METHODS] = Field(
         "auto",
         alias="pca_method",
-        description="auto (gram when its memory fits, else incremental), gram (exact), "
-        "randomized or incremental",
+        description="auto (the fastest estimate whose memory fits, from the rows, features, "
+        "workers and memory limits), gram (exact), randomized or incremental",
     )
     variance: float = Field(0.8, gt=0.0, le=1.0, description="PCA variance target")
     components: int | None = Field(
@@ -201,7 +201,7 @@ def reduce_cached(
     )
     lineage = {}
     if base is None:
-        fitted = _estimator(pca).fit(data[np.sort(train_rows)])
+        fitted = _estimator(pca, memory_plan.cap).fit(data[np.sort(train_rows)])
     else:  # a grown dataset: update the earlier fit with the new training rows only
         base_key, new_rows = base
         fitted = load_pca(store, base_key)
@@ -236,6 +236,7 @@ def reduce_cached(
             "expected_components": memory_plan.k,
             "worker_peak_bytes": memory_plan.worker_peak,
             "worker_limit_bytes": getattr(memory_plan.workers, "limit", None),
+            "estimated_seconds": memory_plan.seconds,
         },
         "seconds": time.perf_counter() - began,
         **lineage,
@@ -263,12 +264,19 @@ def projected_chunks(rows: int, k: int) -> tuple[int, int]:
     return max(1, min(rows, PROJECTED_CHUNK_BYTES // (4 * max(k, 1)))), max(k, 1)
 
 
-def _estimator(pca: PcaSettings):
-    """The unfitted estimator for these settings."""
+def _estimator(pca: PcaSettings, cap: int | None = None):
+    """The unfitted estimator for these settings; `cap` is the memory plan's largest batch or
+    sketch for a method that grows toward a variance target."""
     from tasks.reduce.pca import ScaledIncrementalPCA, ScaledPCA
 
     if pca.method == "incremental":
-        return ScaledIncrementalPCA(variance=pca.variance, n_components=pca.components)
+        return ScaledIncrementalPCA(
+            variance=pca.variance, n_components=pca.components, max_batch=cap
+        )
+    if pca.method == "randomized":
+        return ScaledPCA(
+            variance=pca.variance, n_components=pca.components, method="randomized", max_width=cap
+        )
     return ScaledPCA(variance=pca.variance, n_components=pca.components, method=pca.method)
 
 

@@ -112,9 +112,27 @@ def test_on_a_cluster_no_pass_sends_row_blocks_to_the_client(
     _assert_same(on_cluster, here)
     passes = [r for r in caplog.records if getattr(r, "pca_data_bytes", 0) > 0]
     phases = {r.pca_phase for r in passes}
-    assert {"cross products", "covariance products", "power iteration", "sketch"} <= phases
+    assert {"cross products", "covariance products", "power iteration", "Ritz pass"} <= phases
     assert {"incremental batches", "components", "projection", "column statistics"} <= phases
     for record in passes:
         assert record.pca_client_bytes <= record.pca_data_bytes / 2, record.getMessage()
     received = sum(r.pca_client_bytes for r in passes)
     assert received < sum(r.pca_data_bytes for r in passes) / 5
+
+
+def test_randomized_sends_the_client_nothing_that_grows_with_the_rows(
+    rows: tuple[da.Array, np.ndarray], caplog: pytest.LogCaptureFixture
+) -> None:
+    """As task graphs, every randomized pass returns one (w, d) sum and a scalar, for 200
+    rows as for 800: the sketch's (n, w) rows never come to this process."""
+    X, _ = rows
+    received = {}
+    for n in (200, 800):
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="featurepipe.reduce"), use("workers"):
+            ScaledPCA(method="randomized", n_components=20).fit(X[:n])
+        passes = [r for r in caplog.records if r.pca_phase in ("power iteration", "Ritz pass")]
+        assert len(passes) == 5
+        received[n] = {r.pca_client_bytes for r in passes}
+    width = 30  # sketch_width(20)
+    assert received[200] == received[800] and max(received[800]) <= 4 * width * 3000 + 100
