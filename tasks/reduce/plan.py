@@ -165,6 +165,12 @@ class Plan:
     seconds: dict[str, float] | None = None  # estimated time, by method
     fitting: tuple[str, ...] | None = None  # the candidates whose memory fits
     cap: int | None = None  # for `method`: the largest batch or sketch that fits (growth)
+    pass_counts: dict[str, int] | None = None  # expected passes over the rows, by method
+
+    @property
+    def passes(self) -> int:
+        """The fit's expected passes over the training rows (`planned_passes`)."""
+        return self.pass_counts[self.method]
 
     @property
     def worker_peak(self) -> int | None:
@@ -315,6 +321,17 @@ class Lanes:
         return cls(spread, spread, 1, here)
 
 
+def planned_passes(method: str, shape: Shape, k: int, fixed: bool, cap: int | None) -> int:
+    """Passes over the n training rows the fit is expected to make (the reads R of the time
+    formulas, rounded up): what the stage's progress counts against."""
+    if method == "gram" and shape.n >= shape.d:
+        return 2
+    if method == "gram":
+        return math.ceil(2 + (math.ceil(shape.n / panel_rows(shape)) + 1) / 2)
+    per_size = 1 if method == "incremental" else POWER_ITERATIONS + 1
+    return 1 + per_size * len(tried_sizes(method, shape, k, fixed, cap))
+
+
 def estimated_seconds(
     method: str, shape: Shape, k: int, fixed: bool, lanes: Lanes, cap: int | None = None
 ) -> float:
@@ -414,6 +431,7 @@ def plan(
         times,
         fitting,
         caps[chosen],
+        {name: planned_passes(name, shape, k, fixed, caps[name]) for name in caps},
     )
 
 
