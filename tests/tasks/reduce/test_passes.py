@@ -16,6 +16,8 @@ from threadpoolctl import threadpool_limits
 from tasks.cluster import dask_client
 from tasks.reduce import _stream
 from tasks.reduce._passes import OnWorkers, active, use
+from tasks.reduce._progress import reporting
+from tasks.reduce._randomized import POWER_ITERATIONS
 from tasks.reduce.pca import ScaledIncrementalPCA, ScaledPCA
 from tests.tasks.reduce.test_pca import _features, _zarr
 
@@ -103,13 +105,17 @@ def test_on_a_cluster_no_pass_sends_row_blocks_to_the_client(
     """Two worker processes: the passes run there (no backend choice made by the caller), the
     fits equal those made here, and every pass logs receiving at most half the bytes of the
     rows it covered (row blocks would be all of them: today's here-path under a cluster)."""
+    reported: list[str] = []
     with (
         caplog.at_level(logging.DEBUG, logger="featurepipe.reduce"),
         dask_client(workers=2, threads_per_worker=1),
+        reporting(lambda done, total, status: reported.append(status), 500, 1, 800),
     ):
         assert isinstance(active(), OnWorkers)
         on_cluster = _fit_all(*rows)
     _assert_same(on_cluster, here)
+    # a fold's rows are counted as its leaves finish: several lines per power iteration
+    assert sum("(power iteration)" in s for s in reported) > 2 * POWER_ITERATIONS
     passes = [r for r in caplog.records if getattr(r, "pca_data_bytes", 0) > 0]
     phases = {r.pca_phase for r in passes}
     assert {"cross products", "covariance products", "power iteration", "Ritz pass"} <= phases
