@@ -187,7 +187,7 @@ class Plan:
         where = (
             "here (Dask threads)"
             if self.workers is None
-            else f"{self.workers.count} workers x {self.workers.threads} threads"
+            else f"{_many(self.workers.count, 'worker')} x {_many(self.workers.threads, 'thread')}"
         )
         candidates = []
         for name, peak in self.estimates.items():
@@ -505,6 +505,10 @@ def check(plan_: Plan, shape: Shape, variance: float, components: int | None) ->
 
 def _gib(value: int) -> str:
     return f"{value / GiB:.1f} GiB"
+
+
+def _many(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _duration(value: float) -> str:
