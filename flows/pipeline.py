@@ -30,6 +30,7 @@ from tasks.features.extract import ExtractResult, extract
 from tasks.features.near_copies import LeakCheck, leak_check, near_copy_groups, unit_rows
 from tasks.features.store import FeatureStore
 from tasks.reduce.stage import ReduceOutcome, cached_reduction, reduce_cached
+from tasks.reduce.stage import logger as reduce_logger
 from tasks.runs.redact import redact
 from tasks.runs.schema import RunReport
 
@@ -166,7 +167,9 @@ def reduce_task(
             if _scales_out(settings)
             else contextlib.nullcontext()
         ):
-            outcome = reduce_cached(store, feature_key, train_rows, settings.pca_settings())
+            with ExtractProgress(f"reduce {layer}", unit="rows", log=reduce_logger) as progress:
+                pca = settings.pca_settings()
+                outcome = reduce_cached(store, feature_key, train_rows, pca, progress)
     get_run_logger().info(
         "%s: %d components (%s, %s)",
         layer,

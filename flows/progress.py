@@ -1,5 +1,6 @@
-"""Progress for long extractions: a rich bar on a terminal, a log line every half minute
-otherwise (nohup, CI, a worker's log), and a Prefect progress artifact.
+"""Progress for long stages (extraction in images, the reduce stage in rows): a rich bar on a
+terminal, a log line every half minute otherwise (nohup, CI, a worker's log, the Prefect run
+log), and a Prefect progress artifact.
 
 All are throttled so that reporting never slows the backbone down.
 """
@@ -25,12 +26,19 @@ logger = logging.getLogger("featurepipe.extract")
 
 
 class ExtractProgress:
-    """Callable progress sink: `progress(done, total)` in images."""
+    """Callable progress sink: `progress(done, total)` in `unit`s, with an optional `status`
+    (the reduce stage's "pass i of m") shown after the description; lines go to `log`."""
 
     def __init__(
-        self, description: str, min_interval: float = 2.0, log_interval: float = 30.0
+        self,
+        description: str,
+        min_interval: float = 2.0,
+        log_interval: float = 30.0,
+        unit: str = "images",
+        log: logging.Logger = logger,
     ) -> None:
         self.description = description
+        self.unit, self.log = unit, log
         self.min_interval = min_interval
         self.log_interval = log_interval
         self.began = time.perf_counter()
@@ -58,19 +66,28 @@ class ExtractProgress:
         self.task_id = self.bar.add_task(self.description, total=None, rate="")
         return self
 
-    def __call__(self, done: int, total: int) -> None:
+    def __call__(self, done: int, total: int, status: str = "") -> None:
         now = time.perf_counter()
         rate = done / max(now - self.began, 1e-9)
+        title = f"{self.description}: {status}" if status else self.description
         if self.bar is not None and not self.bar.disable:
-            self.bar.update(self.task_id, completed=done, total=total, rate=f"{rate:.1f} img/s")
+            self.bar.update(
+                self.task_id,
+                completed=done,
+                total=total,
+                description=title,
+                rate=f"{rate:.1f} {self.unit}/s",
+            )
         elif now - self.last_log >= self.log_interval or done == total:
             left = (total - done) / rate if rate else 0.0
-            logger.info(
-                "%s: %d/%d images, %.1f images/s, about %.0f min left",
-                self.description,
+            self.log.info(
+                "%s: %d/%d %s, %.1f %s/s, about %.0f min left",
+                title,
                 done,
                 total,
+                self.unit,
                 rate,
+                self.unit,
                 left / 60,
             )
             self.last_log = now
@@ -78,7 +95,7 @@ class ExtractProgress:
             update_progress_artifact(
                 self.artifact_id,
                 100.0 * done / max(total, 1),
-                description=f"{self.description}: {rate:.1f} images/s",
+                description=f"{title}: {rate:.1f} {self.unit}/s",
             )
             self.last_artifact = now
 

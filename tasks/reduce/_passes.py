@@ -33,6 +33,7 @@ from dask.delayed import Delayed, delayed
 from dask.sizeof import sizeof
 from threadpoolctl import threadpool_limits
 
+from tasks.reduce._progress import advance
 from tasks.reduce._stats import ColumnStats, RunningStats, column_stats
 from tasks.reduce._stream import log_phase, stream, timed
 
@@ -212,13 +213,17 @@ class OnWorkers:
         """The rows of contiguous `steps` as one array held on a worker (a future: it stays
         there, and Dask recomputes it from the graph if that worker is lost)."""
         joined = _task(_concatenate)(self._blocks(Xc, steps))
+        rows = steps[-1][1] - steps[0][0]
         if self.client is None:
-            return joined.compute(scheduler="threads")
+            result = joined.compute(scheduler="threads")
+            advance(rows, phase)
+            return result
         from distributed import wait
 
         with self._logged(phase, Xc, steps):
             future = self.client.compute(joined)
             wait(future)
+        advance(rows, phase)
         return future
 
     def fold(
@@ -232,17 +237,38 @@ class OnWorkers:
     ) -> Any:
         if not steps:
             return start
-        parts = [
+        leaves = [
             _task(add)(None, block, a, b, *shared)
             for block, (a, b) in zip(self._blocks(Xc, steps), steps, strict=True)
         ]
-        while len(parts) > 1:
-            groups = [parts[i : i + SPLIT_EVERY] for i in range(0, len(parts), SPLIT_EVERY)]
-            parts = [_task(add_arrays)(*g) if len(g) > 1 else g[0] for g in groups]
         with self._logged(phase, Xc, steps) as received:
-            (result,) = self._compute(parts)
+            if self.client is None:
+                (result,) = self._compute([_tree(leaves, _task(add_arrays))])
+                advance(steps[-1][1] - steps[0][0], phase)
+            else:
+                result = self._fold_on_cluster(leaves, steps, phase)
             received.append(sizeof(result))
         return result if start is None else add_arrays(start, result)
+
+    def _fold_on_cluster(
+        self, leaves: list[Delayed], steps: list[tuple[int, int]], phase: str
+    ) -> Any:
+        """The leaves as futures merged by a tree of submitted tasks, counting rows as each
+        leaf finishes (a leaf's data goes once its merge has it: no future is kept here)."""
+        from distributed import as_completed
+
+        futures = self.client.compute(leaves)
+        rows = {f.key: b - a for f, (a, b) in zip(futures, steps, strict=True)}
+        root = _tree(futures, self._merge)
+        finished = as_completed(futures)
+        del futures
+        for future in finished:
+            advance(rows[future.key], phase)
+            del future
+        return root.result()
+
+    def _merge(self, *parts: Any) -> Any:
+        return self.client.submit(add_arrays, *parts, key=f"pca-addarrays-{uuid4().hex}")
 
     def map(
         self,
@@ -267,6 +293,7 @@ class OnWorkers:
             for (a, b), result in zip(steps, results, strict=True):
                 received.append(sizeof(result))
                 yield a, b, result
+                advance(b - a, phase)
         del graphs
 
     def chain(
@@ -294,17 +321,23 @@ class OnWorkers:
         with self._logged(phase, Xs, steps) as received:
             node: Any = self.share(state)
             in_flight: list[Any] = []
-            for i in range(0, len(blocks), CHAIN_WINDOW):
-                for block in blocks[i : i + CHAIN_WINDOW]:
+            windows = [batches[i : i + CHAIN_WINDOW] for i in range(0, len(batches), CHAIN_WINDOW)]
+            window_rows = [w[-1][1] - w[0][0] for w in windows]
+            for i, window in enumerate(windows):
+                for block in blocks[i * CHAIN_WINDOW : i * CHAIN_WINDOW + len(window)]:
                     node = _task(_chain_step)(step, copy, node, block)
                 if self.client is None:
                     (node,) = self._compute([node])
+                    advance(window_rows[i], phase)
                     continue
                 node = self.client.compute(node)
                 in_flight.append(node)
                 if len(in_flight) > 1:
                     wait(in_flight.pop(0))  # there, not here; the newer window keeps running
+                    advance(window_rows[i - 1], phase)
             result = node if self.client is None else node.result()
+            if self.client is not None:
+                advance(window_rows[-1], phase)
             received.append(sizeof(result))
         return result
 
@@ -314,6 +347,14 @@ def _task(fn: Callable[..., Any]) -> Callable[..., Delayed]:
     dashboard and by the scheduler (a test kills the worker running one)."""
     name = f"pca-{fn.__name__.strip('_').replace('_', '')}"
     return lambda *args: delayed(fn, pure=False)(*args, dask_key_name=f"{name}-{uuid4().hex}")
+
+
+def _tree(parts: list[Any], merge: Callable[..., Any]) -> Any:
+    """parts merged SPLIT_EVERY at a time, level by level, into one."""
+    while len(parts) > 1:
+        groups = [parts[i : i + SPLIT_EVERY] for i in range(0, len(parts), SPLIT_EVERY)]
+        parts = [merge(*g) if len(g) > 1 else g[0] for g in groups]
+    return parts[0]
 
 
 def _concatenate(blocks: list[np.ndarray]) -> np.ndarray:

@@ -10,6 +10,7 @@ import dask.array as da
 import numpy as np
 from dask.delayed import delayed
 
+from tasks.reduce._progress import advance
 from tasks.reduce._stream import log_phase
 
 _CONSTANT_RANGE = 10 * np.finfo(np.float32).eps  # sklearn's _handle_zeros_in_scale on float32
@@ -86,6 +87,7 @@ def column_stats(X: da.Array, with_m2: bool) -> ColumnStats:
         client_bytes=sum(r.nbytes for r in results),
         data_bytes=rows * d * 4,
     )
+    advance(rows, "column statistics")
     m2 = var[0] * X.shape[0] if with_m2 else None
     return ColumnStats(
         X.shape[0], data_min.astype(np.float64), data_max.astype(np.float64), mean, m2

@@ -20,7 +20,8 @@ import dask.array as da
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-PROGRESS_SECONDS = 10.0  # at most one progress line per this many seconds of streaming
+from tasks.reduce._progress import advance
+
 STEP_BYTES = 32 * 2**20  # rows pulled per streaming step (input chunks are grouped up to this)
 logger = logging.getLogger("featurepipe.reduce")
 
@@ -111,7 +112,7 @@ def stream(
     """
     if not steps:
         return
-    began = last_report = time.monotonic()
+    began = time.monotonic()
     cpu, waited, received = time.process_time(), 0.0, 0
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(_fetch, Xc, *steps[0])
@@ -122,10 +123,8 @@ def stream(
             received += block.nbytes
             if i + 1 < len(steps):
                 pending = pool.submit(_fetch, Xc, *steps[i + 1])
-            if time.monotonic() - last_report > PROGRESS_SECONDS:  # long passes show progress
-                last_report = time.monotonic()
-                logger.info("PCA pass: rows %d-%d of %d-%d read", a, b, steps[0][0], steps[-1][1])
             yield a, b, block
+            advance(b - a, phase)
     rows = sum(b - a for a, b in steps)
     data = rows * Xc.shape[1] * 4  # as float32, like the blocks received
     log_phase(

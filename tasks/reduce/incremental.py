@@ -41,6 +41,9 @@ class ScaledIncrementalPCA(ScaledPCABase):
     batch_size : int, optional
         Rows per update, also the number of directions kept between updates (default
         INCREMENTAL_BATCH, at least `n_components`).
+    max_batch : int, optional
+        The largest batch a variance target may grow it to (the memory plan's cap); it keeps
+        what that batch knows and says so in one line.
 
     Memory: about (2 x kept + batch_size) x d float32, nothing that grows with n; two passes
     (column statistics, then the batches) per `fit` / `partial_fit` call.
@@ -53,11 +56,16 @@ class ScaledIncrementalPCA(ScaledPCABase):
     fitted_methods = ("incremental",)
 
     def __init__(
-        self, variance: float = 0.8, n_components: int | None = None, batch_size: int | None = None
+        self,
+        variance: float = 0.8,
+        n_components: int | None = None,
+        batch_size: int | None = None,
+        max_batch: int | None = None,
     ) -> None:
         self.variance = variance
         self.n_components = n_components
         self.batch_size = batch_size
+        self.max_batch = max_batch
 
     def fit(self, X: da.Array, y: None = None) -> ScaledIncrementalPCA:
         """Fit from scratch on the training rows X; y is ignored.
@@ -67,10 +75,11 @@ class ScaledIncrementalPCA(ScaledPCABase):
         is met or the batch holds every row; otherwise a warning says what it reached.
         """
         batch = self._batch()
+        top = min(self.max_batch or X.shape[0], X.shape[0])
         while True:
             needed = self._update(X, True, batch)
             met = needed <= self.n_components_
-            if met or self.batch_size is not None or batch >= X.shape[0] - 1:
+            if met or self.batch_size is not None or batch >= min(top, X.shape[0] - 1):
                 break
             logger.info(
                 "incremental PCA: %d directions explain %.4f of the variance, short of the %s "
@@ -78,10 +87,11 @@ class ScaledIncrementalPCA(ScaledPCABase):
                 self.n_components_,
                 self.explained_variance_ratio_.sum(),
                 self.variance,
-                2 * batch,
+                min(2 * batch, top),
             )
-            batch *= 2
-        self._warn_if_short(needed, hint="; raise batch_size")
+            batch = min(2 * batch, top)
+        hint = "; the largest batch that fits memory" if batch == self.max_batch else ""
+        self._warn_if_short(needed, hint=hint or "; raise batch_size")
         return self
 
     def partial_fit(self, X: da.Array, y: None = None) -> ScaledIncrementalPCA:

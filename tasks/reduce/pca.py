@@ -63,6 +63,9 @@ class ScaledPCA(ScaledPCABase):
         Ignored by randomized and by the covariance side.
     random_state : int
         Seed of the randomized sketch.
+    max_width : int, optional
+        randomized: the widest sketch it may grow to for a variance target (the memory plan's
+        cap); it keeps what that sketch knows and says so in one line.
 
     Attributes (learned)
     --------------------
@@ -87,12 +90,14 @@ class ScaledPCA(ScaledPCABase):
         method: str = "gram",
         batch_size: int | None = None,
         random_state: int = 0,
+        max_width: int | None = None,
     ) -> None:
         self.variance = variance
         self.n_components = n_components
         self.method = method
         self.batch_size = batch_size
         self.random_state = random_state
+        self.max_width = max_width
 
     def fit(self, X: da.Array, y: None = None) -> ScaledPCA:
         """Fit on the training rows X (float32/float16, chunked along rows); y is ignored."""
@@ -111,7 +116,12 @@ class ScaledPCA(ScaledPCABase):
                     fit_covariance(Xc, self._needed, passes)
                     if self.solver_ == "covariance"
                     else fit_randomized(
-                        Xc, self.n_components, self.random_state, self._needed, passes
+                        Xc,
+                        self.n_components,
+                        self.random_state,
+                        self._needed,
+                        passes,
+                        self.max_width,
                     )
                 )
         self._warn_if_short(self._finish(fit))

@@ -1,9 +1,8 @@
-"""Memory planned, not discovered: the reduce stage's peak estimated from the shapes before
-any fit, compared with the memory this process (and, on a cluster, each worker) may use, and the
-PCA method chosen to fit.
+"""The reduce stage planned before any fit: each PCA method's time and peak memory estimated
+from the shapes, the number of workers and the memory limits, and the method chosen.
 
 A pure function of shapes and settings (nothing is read or allocated), so the decision for
-60,000 x 200,704 rows can be tested on any machine.
+1,000,000 x 200,704 rows on 64 workers can be tested on any machine.
 
 Peak estimate in bytes (n training rows, N rows projected, d features, k components, m =
 min(n, d), STEP = the streaming step, 32 MiB):
@@ -14,22 +13,42 @@ min(n, d), STEP = the streaming step, 32 MiB):
                   and eigh's eigenvectors) + 4 P d (one panel of P rows when n < d, 1 GiB at
                   most)
     incremental = common + 12 b d (the (2b + 1) x d update buffer and the b x d directions it
-                  returns; the k components are the first of those b), where b, the batch and
-                  the directions kept, is max(256, k) for a fixed count, and for a variance
-                  target the first of 256, 512, 1024, ... that holds k (the fit doubles it until
-                  the target is met), never more than n
-    randomized  = common + 4 k d + 12 w d + 16 n w (basis, accumulator and RQ workspace of
-                  w = 1.5 k + 10 columns; the (n, w) float64 sketch and its SVD)
+                  returns; the k components are the first of those b), b the batch (=
+                  directions kept): max(256, k) for a fixed count, never more than n
+    randomized  = common + 4 k d + 12 w d (basis, its (w, d) sum A V and the QR's copy, w =
+                  k + max(10, k / 2) sketch columns); nothing grows with n (the sketch's
+                  Gram is the (w, w) Rayleigh quotient, tasks/reduce/_randomized.py)
 
-Expected k: the fixed count when `--components` is given; for a variance target,
-min(n - 1, d, ceil(0.4 n)) up to 0.8 (the largest share measured here: 1,077 components for 0.8
-of 2,700 block3_pool rows, 1,932 of 7,467; benchmarks/README.md) and min(n - 1, d) above 0.8
-(no measurement: assume the worst).
+Variance targets. k is not known before the fit. Incremental and randomized grow their batch
+or sketch by doubling until the cut fits, so their memory is planned at their first size (batch
+256, sketch 192) and the fit is told the largest size that fits (`Plan.cap`): it stops growing
+there and says in one line what share of the variance it reached. For gram, and for every
+method's time, k is EXPECTED: min(n - 1, d, K_COEF n^K_EXP) up to a 0.8 target, fitted to the
+blood cells' block3_pool counts (1,077 components for 0.8 of 2,700 rows, 1,932 of 7,467;
+benchmarks/README.md), and min(n - 1, d) above 0.8 (no measurement: assume the worst).
+
+Time estimate in seconds, from constants measured on one thread (benchmarks/reduce_constants.py,
+benchmarks/README.md): FLOPS (float32 products), EIGH (s per m^3), QR (s per w^2 d), READ
+(bytes/s of rows read, decompressed and scaled). One read R = 4 n d / (READ L) with L lanes
+(threads) reading; products spread over L lanes unless sequential:
+
+    gram        n < d: (2 + (panels + 1) / 2) R + n^2 d / (FLOPS L) + EIGH n^3 / C
+                       + 2 n k d / (FLOPS L);  n >= d: 2 R + n d^2 / (FLOPS L) + EIGH d^3 / C
+    incremental R + sum over the batches b it tries (256, 512, ... up to the one holding k):
+                  R + 12 n b d / (FLOPS S) + (n / b) EIGH (2b + 1)^3 / S
+    randomized  R + sum over the sketch widths w it tries (192, 384, ...; one for a fixed
+                  count): (POWER_ITERATIONS + 1) (R + 4 n d w / (FLOPS L))
+                  + (POWER_ITERATIONS QR w^2 d + 2 w^2 d / FLOPS + EIGH w^3) / C
+
+Lanes: without a cluster (Dask threads here) L = the cores reading and cores - 1 multiplying
+(one left to read), S = C = cores - 1; on K workers of t threads L = K t, the incremental chain
+runs one task at a time (S = 1), and the dense steps (eigh, QR) run here (C = cores - 1).
+The projection costs every method the same and is left out.
 
 On the workers (a distributed client is active: the passes run there, tasks/reduce/_passes.py),
 the peak of ONE worker process with t threads (t tasks at once, each with its step block of
-2 STEP: the rows as read and as scaled), P = panel rows = min(n, 1 GiB / 4 d), b as above,
-w = 1.5 k + 10, and a merge holding SPLIT_EVERY + 1 = 3 partial sums (two inputs, one output):
+2 STEP: the rows as read and as scaled), P = panel rows = min(n, 1 GiB / 4 d), b and w as
+above, and a merge holding SPLIT_EVERY + 1 = 3 partial sums (two inputs, one output):
 
     worker      = 1 GiB + max(fit, 4 k d + t 3 STEP (projection: the components on every
                   worker, a block and its projected rows per task))
@@ -49,11 +68,12 @@ w = 1.5 k + 10, and a merge holding SPLIT_EVERY + 1 = 3 partial sums (two inputs
 The worker limit is the smallest `memory_limit` the scheduler reports (0 = unlimited: no
 check), t the largest thread count.
 
-Rule for "auto": gram (exact, the fastest measured) when its estimate fits, else incremental
-when it fits, else stop with one line naming a component count that would fit. "Fits" means
-here and, on the worker path, on every worker. An explicitly chosen method that does not fit
-stops the same way. The limit is `memory_limit` when given, else USABLE_SHARE of the smaller of
-total RAM and the cgroup limit.
+Rule for "auto": the method with the smallest time estimate among those whose memory fits
+(here and, on the worker path, on every worker), the first of gram (exact), incremental,
+randomized among those within TIE_SECONDS of the smallest; if none fits, stop with one line naming a
+component count that would fit. An explicitly chosen method that does not fit stops the same
+way. The limit is `memory_limit` when given, else USABLE_SHARE of the smaller of total RAM and
+the cgroup limit.
 """
 
 from __future__ import annotations
@@ -73,8 +93,17 @@ INCREMENTAL_START = 256  # = tasks.reduce.incremental.INCREMENTAL_BATCH
 MERGE_HELD = 3  # = tasks.reduce._passes.SPLIT_EVERY + 1: a merge's inputs and its output
 CHAIN_WINDOW = 4  # = tasks.reduce._passes.CHAIN_WINDOW (two windows of batches in flight)
 USABLE_SHARE = 0.8  # of detected memory: the OS, page cache and other processes need some
-K_SHARE = 0.4  # expected components per training row for variance targets up to 0.8
-AUTO_ORDER = ("gram", "incremental")
+K_COEF, K_EXP = 11.6, 0.57  # expected k = K_COEF n^K_EXP for targets up to 0.8 (docstring)
+AUTO_CANDIDATES = ("gram", "incremental", "randomized")  # exact first: it wins near-ties
+TIE_SECONDS = 10.0  # estimates closer than this are a tie (the model is not that precise)
+RANDOMIZED_START = 128  # = tasks.reduce._randomized.RANDOMIZED_START
+POWER_ITERATIONS = 4  # = tasks.reduce._randomized.POWER_ITERATIONS
+# Time model constants, one thread, measured by benchmarks/reduce_constants.py (the figures
+# and the machine are in benchmarks/README.md, "Reduce time model")
+FLOPS = 51e9  # float32 FLOP/s of a fold product (a step block times a (w, d) basis)
+EIGH = 3.6e-10  # seconds per m^3 of top_eigh, every eigenpair of an (m, m) float64 matrix
+QR = 1.6e-10  # seconds per w^2 d of the QR that orthonormalises a (w, d) basis
+READ = 0.24e9  # bytes/s of float32 rows read from zstd Zarr, decompressed and scaled
 CGROUP_FILES = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
 
 
@@ -133,27 +162,49 @@ class Plan:
     estimates: dict[str, int]
     workers: Workers | None = None  # None: no distributed client, the passes run here
     worker_estimates: dict[str, int] | None = None  # bytes per worker, by method
+    seconds: dict[str, float] | None = None  # estimated time, by method
+    fitting: tuple[str, ...] | None = None  # the candidates whose memory fits
+    cap: int | None = None  # for `method`: the largest batch or sketch that fits (growth)
+    pass_counts: dict[str, int] | None = None  # expected passes over the rows, by method
+
+    @property
+    def passes(self) -> int:
+        """The fit's expected passes over the training rows (`planned_passes`)."""
+        return self.pass_counts[self.method]
 
     @property
     def worker_peak(self) -> int | None:
         return None if self.worker_estimates is None else self.worker_estimates[self.method]
 
     def describe(self, shape: Shape) -> str:
-        """One line for the log: what was chosen, by which rule, with the figures."""
+        """One line for the log: what was chosen, by which rule, with every candidate's
+        estimated time and peak (here, and per worker on a cluster)."""
         rule = (
-            "rule: gram when it fits, else incremental, else stop"
+            "rule: the fastest estimate that fits, else stop"
             if self.requested == "auto"
             else "as requested"
         )
-        on_workers = (
-            ""
+        where = (
+            "here (Dask threads)"
             if self.workers is None
-            else f"; about {_gib(self.worker_peak)} per worker of {self.workers.source}"
+            else f"{_many(self.workers.count, 'worker')} x {_many(self.workers.threads, 'thread')}"
         )
+        candidates = []
+        for name, peak in self.estimates.items():
+            per_worker = (
+                ""
+                if self.worker_estimates is None
+                else f", {_gib(self.worker_estimates[name])} per worker"
+            )
+            fits = "" if self.fitting is None or name in self.fitting else " (does not fit)"
+            time_ = "" if self.seconds is None else f"{_duration(self.seconds[name])}, "
+            candidates.append(f"{name} {time_}{_gib(peak)}{per_worker}{fits}")
+        of_workers = "" if self.workers is None else f"; workers: {self.workers.source}"
         return (
             f"PCA plan: {self.requested} -> {self.method} for {shape.n:,} x {shape.d:,} "
-            f"training rows, about {_gib(self.peak)} expected (up to {self.k:,} components) of "
-            f"{_gib(self.limit)} ({self.limit_source}){on_workers}; {rule}"
+            f"training rows, {where}, up to {self.k:,} components expected; "
+            f"{'; '.join(candidates)}; limit {_gib(self.limit)} ({self.limit_source})"
+            f"{of_workers}; {rule}"
         )
 
 
@@ -163,7 +214,7 @@ def expected_components(shape: Shape, variance: float, components: int | None) -
     if components is not None:
         return min(components, limit)
     if variance <= 0.8:
-        return min(limit, math.ceil(K_SHARE * shape.n))
+        return min(limit, math.ceil(K_COEF * shape.n**K_EXP))
     return limit
 
 
@@ -179,8 +230,32 @@ def incremental_batch(n: int, k: int, fixed: bool) -> int:
 
 
 def sketch_columns(shape: Shape, k: int) -> int:
-    """w: the randomized sketch's width for k components."""
-    return min(int(1.5 * k) + 10, min(shape.n, shape.d))
+    """w: the randomized sketch's width for k components (tasks/reduce/_randomized.py's
+    sketch_width, at most min(n, d))."""
+    return min(k + max(10, k // 2), shape.n, shape.d)
+
+
+def first_size(method: str, shape: Shape, k: int, fixed: bool) -> int:
+    """The batch (incremental) or sketch width (randomized) a fit starts with: the one for k
+    when the count is fixed, else the method's first (it grows from there)."""
+    if method == "incremental":
+        return incremental_batch(shape.n, k, True) if fixed else min(INCREMENTAL_START, shape.n)
+    return sketch_columns(shape, k if fixed else RANDOMIZED_START)
+
+
+def tried_sizes(method: str, shape: Shape, k: int, fixed: bool, cap: int | None) -> list[int]:
+    """The batches (incremental) or sketch widths (randomized) a fit goes through to hold k
+    components: one for a fixed count, else doubling from the first size, at most `cap`."""
+    sizes = [first_size(method, shape, k, fixed)]
+    enough = (
+        incremental_batch(shape.n, k, fixed)
+        if method == "incremental"
+        else sketch_columns(shape, k)
+    )
+    top = min(enough if cap is None else min(enough, cap), shape.n, shape.d)
+    while sizes[-1] < top:
+        sizes.append(min(2 * sizes[-1], top))
+    return sizes
 
 
 def panel_rows(shape: Shape) -> int:
@@ -197,10 +272,10 @@ def peak_bytes(method: str, shape: Shape, k: int, fixed: bool = False) -> int:
         panel = min(n * d * 4, PANEL) if n < d else 0
         return common + 4 * k * d + 16 * m * m + panel
     if method == "incremental":
-        return common + 12 * incremental_batch(n, k, fixed) * d
+        return common + 12 * first_size(method, shape, k, fixed) * d
     if method == "randomized":
-        width = sketch_columns(shape, k)
-        return common + 4 * k * d + 12 * width * d + 16 * n * width
+        width = first_size(method, shape, k, fixed)
+        return common + 4 * min(k, width) * d + 12 * width * d
     raise ValueError(f"unknown PCA method {method!r}")
 
 
@@ -217,15 +292,69 @@ def worker_peak_bytes(method: str, shape: Shape, k: int, threads: int, fixed: bo
         components = 4 * n * k + t * (block + MERGE_HELD * 4 * k * d)
         fit = max(tiles, components)
     elif method == "incremental":
-        b = incremental_batch(n, k, fixed)
+        b = first_size(method, shape, k, fixed)
         fit = 16 * b * d + 4 * b * d * (2 * CHAIN_WINDOW + t)
     elif method == "randomized":
-        w = sketch_columns(shape, k)
+        w = first_size(method, shape, k, fixed)
         fit = 4 * w * d + t * (block + STEP + MERGE_HELD * 4 * w * d)
     else:
         raise ValueError(f"unknown PCA method {method!r}")
     projection = 4 * k * d + t * (block + STEP)
     return OVERHEAD + max(fit, projection)
+
+
+@dataclass(frozen=True)
+class Lanes:
+    """Threads that do each kind of work (module docstring: L, S, C)."""
+
+    read: int  # threads reading, decompressing and scaling blocks
+    products: int  # threads multiplying blocks in a parallel pass
+    chain: int  # threads of the incremental chain's sequential updates
+    client: int  # BLAS threads of this process's dense steps (eigh, QR)
+
+    @classmethod
+    def of(cls, workers: Workers | None, cores: int) -> Lanes:
+        here = max(1, cores - 1)  # tasks/reduce/_stream.py's client_blas_threads
+        if workers is None:
+            return cls(cores, here, here, here)
+        spread = workers.count * workers.threads
+        return cls(spread, spread, 1, here)
+
+
+def planned_passes(method: str, shape: Shape, k: int, fixed: bool, cap: int | None) -> int:
+    """Passes over the n training rows the fit is expected to make (the reads R of the time
+    formulas, rounded up): what the stage's progress counts against."""
+    if method == "gram" and shape.n >= shape.d:
+        return 2
+    if method == "gram":
+        return math.ceil(2 + (math.ceil(shape.n / panel_rows(shape)) + 1) / 2)
+    per_size = 1 if method == "incremental" else POWER_ITERATIONS + 1
+    return 1 + per_size * len(tried_sizes(method, shape, k, fixed, cap))
+
+
+def estimated_seconds(
+    method: str, shape: Shape, k: int, fixed: bool, lanes: Lanes, cap: int | None = None
+) -> float:
+    """Estimated time of the fit with `method` (formulas in the module docstring)."""
+    n, d = shape.n, shape.d
+    read = 4 * n * d / (READ * lanes.read)
+    if method == "gram" and n >= d:
+        return 2 * read + n * d * d / (FLOPS * lanes.products) + EIGH * d**3 / lanes.client
+    if method == "gram":
+        panels = math.ceil(n / panel_rows(shape))
+        products = (n * n * d + 2 * n * k * d) / (FLOPS * lanes.products)
+        return (2 + (panels + 1) / 2) * read + products + EIGH * n**3 / lanes.client
+    total = read  # the column statistics
+    for size in tried_sizes(method, shape, k, fixed, cap):
+        if method == "incremental":
+            chain = 12 * n * size * d / FLOPS + n / size * EIGH * (2 * size + 1) ** 3
+            total += read + chain / lanes.chain
+        else:
+            dense = POWER_ITERATIONS * QR * size**2 * d + 2 * size**2 * d / FLOPS
+            product = 4 * n * d * size / (FLOPS * lanes.products)
+            total += (POWER_ITERATIONS + 1) * (read + product)
+            total += (dense + EIGH * size**3) / lanes.client
+    return total
 
 
 def memory_limit(setting_gib: float | None = None) -> tuple[int, str]:
@@ -263,15 +392,18 @@ def plan(
     limit: int,
     limit_source: str = "the limit",
     workers: Workers | None = None,
+    cores: int | None = None,
 ) -> Plan:
     """Choose the method for `method` ("auto" or a name) and say whether it fits `limit` and
-    the `workers` the passes run on (None: no distributed client, they run here).
+    the `workers` the passes run on (None: no distributed client, they run here, on `cores`
+    cores, default this machine's).
 
     Never raises: `check` turns a plan that does not fit into the one-line error.
     """
     k = expected_components(shape, variance, components)
     fixed = components is not None
-    candidates = AUTO_ORDER if method == "auto" else (method,)
+    lanes = Lanes.of(workers, cores or os.cpu_count() or 1)
+    candidates = AUTO_CANDIDATES if method == "auto" else (method,)
     estimates = {name: peak_bytes(name, shape, k, fixed) for name in candidates}
     per_worker = (
         None
@@ -280,8 +412,11 @@ def plan(
             name: worker_peak_bytes(name, shape, k, workers.threads, fixed) for name in candidates
         }
     )
-    fitting = [name for name in candidates if _fits(name, shape, k, fixed, limit, workers)]
-    chosen = fitting[0] if fitting else candidates[-1]
+    caps = {name: _cap(name, shape, fixed, limit, workers) for name in candidates}
+    times = {name: estimated_seconds(name, shape, k, fixed, lanes, caps[name]) for name in caps}
+    fitting = tuple(name for name in candidates if _fits(name, shape, k, fixed, limit, workers))
+    fastest = min(times[name] for name in fitting or candidates)
+    chosen = next(n for n in fitting or candidates if times[n] <= fastest + TIE_SECONDS)
     return Plan(
         method,
         chosen,
@@ -293,7 +428,20 @@ def plan(
         estimates,
         workers,
         per_worker,
+        times,
+        fitting,
+        caps[chosen],
+        {name: planned_passes(name, shape, k, fixed, caps[name]) for name in caps},
     )
+
+
+def _cap(method: str, shape: Shape, fixed: bool, limit: int, workers: Workers | None) -> int | None:
+    """For a method that grows toward a variance target: the largest batch or sketch that
+    fits (the fit stops growing there); None otherwise."""
+    if fixed or method == "gram":
+        return None
+    count, _ = largest_fitting_count(shape, limit, (method,), workers)
+    return first_size(method, shape, max(count, 1), True)
 
 
 def largest_fitting_count(
@@ -357,3 +505,11 @@ def check(plan_: Plan, shape: Shape, variance: float, components: int | None) ->
 
 def _gib(value: int) -> str:
     return f"{value / GiB:.1f} GiB"
+
+
+def _many(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def _duration(value: float) -> str:
+    return f"{value:,.0f} s" if value < 2 * 3600 else f"{value / 3600:,.1f} h"

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tasks.data.splits import rows_key
 from tasks.errors import UserError
 from tasks.features.store import FeatureStore, StoreError
+from tasks.reduce._progress import Sink, reporting
 from tasks.reduce.plan import Plan, Shape, Workers, check, memory_limit, plan, workers_from
 
 REDUCE_VERSION = "2"  # bump when a code change alters reductions for the same settings
@@ -62,8 +63,8 @@ class PcaSettings(BaseModel):
     method: Literal[PCA_METHODS] = Field(
         "auto",
         alias="pca_method",
-        description="auto (gram when its memory fits, else incremental), gram (exact), "
-        "randomized or incremental",
+        description="auto (the fastest estimate whose memory fits, from the rows, features, "
+        "workers and memory limits), gram (exact), randomized or incremental",
     )
     variance: float = Field(0.8, gt=0.0, le=1.0, description="PCA variance target")
     components: int | None = Field(
@@ -170,12 +171,17 @@ def _check_components(pca: PcaSettings, n_train: int, n_features: int) -> None:
 
 
 def reduce_cached(
-    store: FeatureStore, feature_key: str, train_rows: np.ndarray, pca: PcaSettings = DEFAULT_PCA
+    store: FeatureStore,
+    feature_key: str,
+    train_rows: np.ndarray,
+    pca: PcaSettings = DEFAULT_PCA,
+    progress: Sink | None = None,
 ) -> ReduceOutcome:
     """Fit min-max + PCA on the train rows only, project every row, and store both.
 
     Runs on whatever Dask scheduler is active: with a distributed client open, every PCA pass
     runs on its workers and only small results come back (tasks/reduce/_passes.py).
+    `progress` gets the rows done, the rows planned and "pass i of m" as the passes stream.
     """
     began = time.perf_counter()
     requested = pca.method
@@ -200,15 +206,16 @@ def reduce_cached(
         else None
     )
     lineage = {}
-    if base is None:
-        fitted = _estimator(pca).fit(data[np.sort(train_rows)])
-    else:  # a grown dataset: update the earlier fit with the new training rows only
-        base_key, new_rows = base
-        fitted = load_pca(store, base_key)
-        if new_rows:
-            fitted.partial_fit(data[np.asarray(new_rows)])
-        lineage = {"updated_from": base_key, "rows_added": len(new_rows)}
-    projected = fitted.project(data)
+    with reporting(progress, shape.n, memory_plan.passes, shape.rows):
+        if base is None:
+            fitted = _estimator(pca, memory_plan.cap).fit(data[np.sort(train_rows)])
+        else:  # a grown dataset: update the earlier fit with the new training rows only
+            base_key, new_rows = base
+            fitted = load_pca(store, base_key)
+            if new_rows:
+                fitted.partial_fit(data[np.asarray(new_rows)])
+            lineage = {"updated_from": base_key, "rows_added": len(new_rows)}
+        projected = fitted.project(data)
     state, state_attrs = fitted.to_state()
     explained = float(np.sum(fitted.explained_variance_ratio_))
     if pca.target is not None and explained < pca.target:
@@ -236,6 +243,7 @@ def reduce_cached(
             "expected_components": memory_plan.k,
             "worker_peak_bytes": memory_plan.worker_peak,
             "worker_limit_bytes": getattr(memory_plan.workers, "limit", None),
+            "estimated_seconds": memory_plan.seconds,
         },
         "seconds": time.perf_counter() - began,
         **lineage,
@@ -263,12 +271,19 @@ def projected_chunks(rows: int, k: int) -> tuple[int, int]:
     return max(1, min(rows, PROJECTED_CHUNK_BYTES // (4 * max(k, 1)))), max(k, 1)
 
 
-def _estimator(pca: PcaSettings):
-    """The unfitted estimator for these settings."""
+def _estimator(pca: PcaSettings, cap: int | None = None):
+    """The unfitted estimator for these settings; `cap` is the memory plan's largest batch or
+    sketch for a method that grows toward a variance target."""
     from tasks.reduce.pca import ScaledIncrementalPCA, ScaledPCA
 
     if pca.method == "incremental":
-        return ScaledIncrementalPCA(variance=pca.variance, n_components=pca.components)
+        return ScaledIncrementalPCA(
+            variance=pca.variance, n_components=pca.components, max_batch=cap
+        )
+    if pca.method == "randomized":
+        return ScaledPCA(
+            variance=pca.variance, n_components=pca.components, method="randomized", max_width=cap
+        )
     return ScaledPCA(variance=pca.variance, n_components=pca.components, method=pca.method)
 
 

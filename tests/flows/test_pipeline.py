@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import dask.array as da
@@ -11,8 +12,8 @@ from prefect import flow, task
 
 from flows.pipeline import IO_RETRIES
 from tasks.errors import UserError
-from tasks.reduce import _stream
 from tasks.reduce import pca as reduce
+from tasks.reduce._progress import reporting
 
 FAST_RETRIES = {**IO_RETRIES, "retry_delay_seconds": [0, 0]}  # same policy, no waiting
 
@@ -51,18 +52,25 @@ def test_io_errors_give_up_after_two_retries() -> None:
     assert _attempts_until_done(TimeoutError("object store did not answer"), failures=10) == 3
 
 
-def test_pca_progress_lines_reach_the_run_log(
-    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(_stream, "PROGRESS_SECONDS", 0.0)  # a line per block instead of per 10 s
+def test_pca_progress_lines_reach_the_run_log(caplog: pytest.LogCaptureFixture) -> None:
+    from flows.progress import ExtractProgress
+
     rows = da.from_array(np.random.default_rng(0).random((64, 16)), chunks=(8, 16))
+
+    def fit_with_progress() -> None:
+        log = logging.getLogger("featurepipe.reduce")
+        with (
+            ExtractProgress("reduce x", log_interval=0.0, unit="rows", log=log) as progress,
+            reporting(progress, 64, 2, 0),
+        ):
+            reduce.ScaledPCA(variance=0.9).fit(rows)
 
     @flow
     def fit() -> None:
-        task(lambda: reduce.ScaledPCA(variance=0.9).fit(rows))()
+        task(fit_with_progress)()
 
     fit()
-    assert "PCA pass: rows" in caplog.text
+    assert "reduce x: pass 1 of 2 (column statistics): 64/128 rows" in caplog.text
 
 
 def test_extraction_progress_is_logged_when_no_terminal_shows_a_bar(

@@ -16,6 +16,8 @@ from threadpoolctl import threadpool_limits
 from tasks.cluster import dask_client
 from tasks.reduce import _stream
 from tasks.reduce._passes import OnWorkers, active, use
+from tasks.reduce._progress import reporting
+from tasks.reduce._randomized import POWER_ITERATIONS
 from tasks.reduce.pca import ScaledIncrementalPCA, ScaledPCA
 from tests.tasks.reduce.test_pca import _features, _zarr
 
@@ -103,18 +105,40 @@ def test_on_a_cluster_no_pass_sends_row_blocks_to_the_client(
     """Two worker processes: the passes run there (no backend choice made by the caller), the
     fits equal those made here, and every pass logs receiving at most half the bytes of the
     rows it covered (row blocks would be all of them: today's here-path under a cluster)."""
+    reported: list[str] = []
     with (
         caplog.at_level(logging.DEBUG, logger="featurepipe.reduce"),
         dask_client(workers=2, threads_per_worker=1),
+        reporting(lambda done, total, status: reported.append(status), 500, 1, 800),
     ):
         assert isinstance(active(), OnWorkers)
         on_cluster = _fit_all(*rows)
     _assert_same(on_cluster, here)
+    # a fold's rows are counted as its leaves finish: several lines per power iteration
+    assert sum("(power iteration)" in s for s in reported) > 2 * POWER_ITERATIONS
     passes = [r for r in caplog.records if getattr(r, "pca_data_bytes", 0) > 0]
     phases = {r.pca_phase for r in passes}
-    assert {"cross products", "covariance products", "power iteration", "sketch"} <= phases
+    assert {"cross products", "covariance products", "power iteration", "Ritz pass"} <= phases
     assert {"incremental batches", "components", "projection", "column statistics"} <= phases
     for record in passes:
         assert record.pca_client_bytes <= record.pca_data_bytes / 2, record.getMessage()
     received = sum(r.pca_client_bytes for r in passes)
     assert received < sum(r.pca_data_bytes for r in passes) / 5
+
+
+def test_randomized_sends_the_client_nothing_that_grows_with_the_rows(
+    rows: tuple[da.Array, np.ndarray], caplog: pytest.LogCaptureFixture
+) -> None:
+    """As task graphs, every randomized pass returns one (w, d) sum and a scalar, for 200
+    rows as for 800: the sketch's (n, w) rows never come to this process."""
+    X, _ = rows
+    received = {}
+    for n in (200, 800):
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="featurepipe.reduce"), use("workers"):
+            ScaledPCA(method="randomized", n_components=20).fit(X[:n])
+        passes = [r for r in caplog.records if r.pca_phase in ("power iteration", "Ritz pass")]
+        assert len(passes) == 5
+        received[n] = {r.pca_client_bytes for r in passes}
+    width = 30  # sketch_width(20)
+    assert received[200] == received[800] and max(received[800]) <= 4 * width * 3000 + 100

@@ -221,6 +221,18 @@ def test_incremental_grows_its_batch_to_meet_the_variance_target(
     assert short.n_components_ == 256 and short.explained_variance_ratio_.sum() < 0.97
 
 
+def test_growth_stops_at_the_memory_plans_cap_and_says_what_it_reached(data: Data) -> None:
+    """0.97 needs ~300 components: capped at a 256-row batch or a 200-wide sketch (the largest
+    the memory plan lets fit), each fit keeps what it has and says so in one line."""
+    X = data.X[data.train]
+    with pytest.warns(RuntimeWarning, match=r"keeping 256, .* the largest batch that fits"):
+        batch = ScaledIncrementalPCA(variance=0.97, max_batch=256).fit(X)
+    assert batch.n_components_ == 256 and batch.explained_variance_ratio_.sum() < 0.97
+    with pytest.warns(RuntimeWarning, match=r"keeping 200, which explain 0\.9[0-6]"):
+        sketch = ScaledPCA(method="randomized", variance=0.97, max_width=200).fit(X)
+    assert sketch.n_components_ == 200
+
+
 def _halves(data: Data) -> tuple[np.ndarray, np.ndarray]:
     """Two train halves with different column ranges, so the second call widens min/max."""
     order = np.argsort(data.raw[data.train].sum(axis=1))

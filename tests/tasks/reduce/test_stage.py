@@ -110,8 +110,8 @@ def huge(tmp_path_factory: pytest.TempPathFactory) -> tuple[FeatureStore, str]:
 def test_a_reduction_that_cannot_fit_stops_before_reading(huge) -> None:
     store, key = huge
     train = np.arange(60_000)
-    with pytest.raises(MemoryPlanError, match=r"^PCA of 60,000 x 200,704 training rows at varia"):
-        reduce_cached(store, key, train, PcaSettings(memory_limit=24))
+    with pytest.raises(MemoryPlanError, match=r"^PCA of 60,000 x 200,704 training rows at 20,0"):
+        reduce_cached(store, key, train, PcaSettings(components=20_000, memory_limit=24))
     assert not list(store.reductions())
 
 
@@ -121,7 +121,7 @@ def test_the_plan_picks_what_fits_for_60000_block3_rows(huge) -> None:
     fixed = planned(store, key, train, PcaSettings(components=500, memory_limit=24))
     assert fixed[0].method == "incremental" and fixed[1].fits
     big = planned(store, key, train, PcaSettings(components=500, memory_limit=200))
-    assert big[0].method == "gram" and big[1].fits
+    assert "gram" in big[1].fitting and big[0].method == "incremental"  # gram's eigh: hours
     small = planned(store, key, np.arange(1_000), PcaSettings(memory_limit=24))
     assert small[0].method == "gram" and small[1].peak < 24 * 2**30
 
@@ -142,7 +142,7 @@ def test_workers_too_small_for_the_covariance_get_another_method_or_a_stop(wide)
     train = np.arange(30_000)
     fixed = PcaSettings(components=200, memory_limit=64)
     alone = planned(store, key, train, fixed)
-    assert alone[0].method == "gram" and alone[1].workers is None  # no client: as before
+    assert "gram" in alone[1].fitting and alone[1].workers is None  # no client: as before
     with (
         LocalCluster(
             n_workers=2,
@@ -155,7 +155,7 @@ def test_workers_too_small_for_the_covariance_get_another_method_or_a_stop(wide)
     ):
         settings, chosen, _ = planned(store, key, train, fixed)
         assert chosen.workers.limit == 4 * 2**30 and chosen.workers.count == 2
-        assert settings.method == "incremental" and chosen.worker_peak <= 4 * 2**30
+        assert "gram" not in chosen.fitting and chosen.worker_peak <= 4 * 2**30
         with pytest.raises(MemoryPlanError, match=r"more than the 4\.0 GiB per worker"):
             reduce_cached(store, key, train, fixed.model_copy(update={"method": "gram"}))
     assert not list(store.reductions())
