@@ -126,8 +126,8 @@ Components = Annotated[
 PcaMethod = Annotated[
     str | None,
     typer.Option(
-        help="auto (default: gram when its memory fits, else incremental, else stop with "
-        "advice), gram (exact), randomized, incremental."
+        help="auto (default: the fastest estimated method whose memory fits here and on "
+        "every worker, else stop with advice), gram (exact), randomized, incremental."
     ),
 ]
 MemoryLimit = Annotated[
