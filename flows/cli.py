@@ -51,8 +51,9 @@ Data = Annotated[
 Labels = Annotated[
     Path | None,
     typer.Option(
-        help="CSV of path,label (optional split: train/test) naming the images of --data, "
-        "instead of class folders; paths are relative to --data."
+        help="CSV of path,label (optional split: train/test; optional group: images that "
+        "belong together, e.g. copies of one photo, kept on one side by --split grouped) "
+        "naming the images of --data, instead of class folders; paths are relative to --data."
     ),
 ]
 Store = Annotated[str | None, typer.Option(help="Feature store path (default featurepipe-store).")]
@@ -142,7 +143,26 @@ Split = Annotated[
 TestSize = Annotated[float | None, typer.Option(help="Test fraction (default 0.25).")]
 GroupRegex = Annotated[
     str | None,
-    typer.Option(help="Regex on file names giving the group for --split grouped, e.g. '_(\\d+)_'."),
+    typer.Option(
+        help="Regex on file names giving the group for --split grouped, e.g. '_(\\d+)_' "
+        "(not with a --labels file that has a group column: it gives the groups)."
+    ),
+]
+GroupBy = Annotated[
+    str | None,
+    typer.Option(
+        help="Where --split grouped takes its groups: auto (default: the --labels file's group "
+        "column, else --group-regex) or near-copies (images whose stored features are near-copies, "
+        "joined into groups; for augmented copies of photos when no table names the photo)."
+    ),
+]
+NearCopyThreshold = Annotated[
+    float | None,
+    typer.Option(
+        help="Cosine similarity of two images' stored features at or above which they are "
+        "near-copies, for --group-by near-copies and every run's check of its test images "
+        "(default 0.95)."
+    ),
 ]
 Seed = Annotated[
     int | None, typer.Option(help="Seed for splits, init and classifiers (default 0).")
@@ -176,6 +196,8 @@ REDUCE_OPTIONS = {
     "split": Split,
     "test_size": TestSize,
     "group_regex": GroupRegex,
+    "group_by": GroupBy,
+    "near_copy_threshold": NearCopyThreshold,
     "seed": Seed,
     "dask_address": DaskAddress,
     "workers": Workers,
@@ -291,7 +313,8 @@ def _print_run(summary: dict) -> None:
         scores = ", ".join(f"{name} {acc:.3f}" for name, acc in info["accuracy"].items())
         typer.echo(
             f"{layer}: {info['n_components']} PCA components ({info['pca_method']}); "
-            f"test accuracy: {scores}"
+            f"test accuracy: {scores}; {info['near_copy_share']:.0%} of test images have a "
+            "near-copy in training"
         )
         typer.echo(f"  report: {Path(info['run_dir']) / 'report.md'}")
     typer.echo(
@@ -319,7 +342,12 @@ def _check_labels(settings: Any) -> None:
 
     if is_url(settings.data):
         raise UserError("--labels needs a local --data folder, not a URL")
-    read_labels(settings.labels, settings.data)
+    rows = read_labels(settings.labels, settings.data)
+    if settings.split == "grouped":
+        from tasks.data.splits import group_source
+
+        near_copies = getattr(settings, "group_by", None) == "near-copies"  # not in finetune
+        group_source(any(row.group is not None for row in rows), settings.group_regex, near_copies)
 
 
 def _pipeline_command(flow_name: str) -> Callable:

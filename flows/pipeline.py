@@ -24,9 +24,10 @@ from flows.settings import PipelineSettings
 from tasks.classify.stage import classify_run
 from tasks.data.labels import scan_labels
 from tasks.data.scan import Manifest, scan
-from tasks.data.splits import split_rows
+from tasks.data.splits import group_source, has_group_column, split_rows
 from tasks.errors import UserError, is_disk_full
 from tasks.features.extract import ExtractResult, extract
+from tasks.features.near_copies import LeakCheck, leak_check, near_copy_groups, unit_rows
 from tasks.features.store import FeatureStore
 from tasks.reduce.stage import ReduceOutcome, cached_reduction, reduce_cached
 from tasks.runs.redact import redact
@@ -86,6 +87,13 @@ def scan_task(
     for warning in manifest.warnings:
         logger.warning(warning)
     return manifest
+
+
+def _check_group_source(settings: PipelineSettings, manifest: Manifest) -> None:
+    """Fail before the (long) extraction when a grouped split has two sources of groups."""
+    if settings.split == "grouped":
+        near_copies = settings.group_by == "near-copies"
+        group_source(has_group_column(manifest), settings.group_regex, near_copies)
 
 
 def _require_classes(manifest: Manifest) -> None:
@@ -169,6 +177,40 @@ def reduce_task(
     return outcome
 
 
+@task(name="near-copy-groups", cache_policy=NO_CACHE, task_run_name="near-copy-groups-{layer}")
+def near_copy_groups_task(settings: PipelineSettings, layer: str, feature_key: str) -> dict:
+    """Groups of near-copies in one layer's stored features, for a grouped split."""
+    rows = unit_rows(FeatureStore(settings.store).feature_array(feature_key).data)
+    found = near_copy_groups(rows, settings.near_copy_threshold)
+    get_run_logger().info("%s (layer %s)", found.describe(), layer)
+    return {
+        "groups": found.groups,
+        "layer": layer,
+        "threshold": found.threshold,
+        "n_groups": found.n_groups,
+        "largest_share": found.largest_share,
+    }
+
+
+def _split(
+    settings: PipelineSettings, manifest: Manifest, feature_keys: dict[str, str]
+) -> tuple[np.ndarray, np.ndarray, dict | None]:
+    """(train, test, near-copy groups' figures or None): one split for every layer, so
+    layers compare on the same rows; near-copy groups come from the first layer's features."""
+    found = None
+    if settings.split == "grouped" and settings.group_by == "near-copies":
+        found = near_copy_groups_task(settings, *next(iter(feature_keys.items())))
+    train, test = split_rows(
+        manifest,
+        settings.split,
+        settings.test_size,
+        settings.seed,
+        settings.group_regex,
+        groups=None if found is None else found.pop("groups"),
+    )
+    return train, test, found
+
+
 def publish_run(report: RunReport, run_dir: Path, label: str) -> None:
     """A run's Prefect artifacts: the metrics table, and report.md's content with its pictures
     inline and the run folder named as host and path (a file:// link opens nowhere else)."""
@@ -194,6 +236,33 @@ def _made_with(store: FeatureStore, feature_key: str) -> dict:
     }
 
 
+def _near_copy_check(
+    settings: PipelineSettings,
+    store: FeatureStore,
+    manifest: Manifest,
+    layer: str,
+    feature_key: str,
+    train_rows: np.ndarray,
+    test_rows: np.ndarray,
+) -> LeakCheck:
+    """Every run checks its own split: test images with a near-copy in training, logged, and
+    one WARNING when they are most of the test set."""
+    rows = unit_rows(store.feature_array(feature_key).data)
+    files = [record.path for record in manifest.records]
+    check = leak_check(rows, train_rows, test_rows, settings.near_copy_threshold, files)
+    logger = get_run_logger()
+    logger.info(
+        "%s: %d of %d test images have a near-copy in training (cosine >= %s)",
+        layer,
+        int(check.has_copy.sum()),
+        len(test_rows),
+        check.threshold,
+    )
+    if (warning := check.warning()) is not None:
+        logger.warning("%s: %s", layer, warning)
+    return check
+
+
 @task(name="classify", cache_policy=NO_CACHE, **IO_RETRIES, task_run_name="classify-{layer}")
 def classify_task(
     settings: PipelineSettings,
@@ -208,9 +277,13 @@ def classify_task(
 
     run_id = new_run_id()
     run_dir = Path(settings.runs) / run_id
+    store = FeatureStore(settings.store)
+    check = _near_copy_check(
+        settings, store, manifest, layer, reduction.feature_key, train_rows, test_rows
+    )
     run_settings = {
         **settings.model_dump(mode="json"),
-        **_made_with(FeatureStore(settings.store), reduction.feature_key),
+        **_made_with(store, reduction.feature_key),
         "layer": layer,
         "dataset": str(settings.data or manifest.root),
         # absolute, so that `predict --run` finds the run's store from any folder
@@ -219,7 +292,7 @@ def classify_task(
         else str(Path(settings.store).expanduser().resolve()),
     }
     report = classify_run(
-        FeatureStore(settings.store),
+        store,
         manifest,
         reduction,
         train_rows,
@@ -232,6 +305,7 @@ def classify_task(
         options=settings.classifier_options,
         svm_max_rows=settings.svm_max_rows,
         memory_limit_gib=settings.memory_limit,
+        near_copies=check,
     )
     publish_run(report, run_dir, layer)
     return {"run_id": run_id, "run_dir": str(run_dir), "report": report}
@@ -240,10 +314,11 @@ def classify_task(
 def _reduce_and_classify(
     settings: PipelineSettings, manifest: Manifest, feature_keys: dict[str, str], extras: dict
 ) -> dict[str, dict]:
-    """Per layer: split, reduce (cached by key), classify; the part shared by all flows."""
-    train, test = split_rows(
-        manifest, settings.split, settings.test_size, settings.seed, settings.group_regex
-    )
+    """Split once, then per layer: reduce (cached by key), classify; the part shared by all
+    flows."""
+    train, test, found = _split(settings, manifest, feature_keys)
+    if found is not None:
+        extras = {**extras, "near_copy_groups": found}
     layers = {}
     for layer, feature_key in feature_keys.items():
         reduction = reduce_task(settings, layer, feature_key, train)
@@ -258,6 +333,7 @@ def _reduce_and_classify(
             "run_id": run["run_id"],
             "run_dir": run["run_dir"],
             "accuracy": run["report"].accuracy(),
+            "near_copy_share": run["report"].near_copies["share"],
         }
     return layers
 
@@ -284,6 +360,7 @@ def _summary(
         "run_dir": first["run_dir"],
         "n_components": first["n_components"],
         "accuracy": first["accuracy"],
+        "near_copy_share": first["near_copy_share"],
         "layers": layers,
         "flow_run_id": str(flow_run.id),
         "extract_seconds": extracted.seconds if extracted else 0.0,
@@ -311,9 +388,7 @@ def reduce_flow(settings: PipelineSettings, feature_key: str) -> dict:
     """Fit scaling + PCA on the train rows of stored features; no images, no backbone."""
     store = FeatureStore(settings.store, mode="r+")  # must exist
     manifest = store.manifest_for(feature_key)
-    train, _ = split_rows(
-        manifest, settings.split, settings.test_size, settings.seed, settings.group_regex
-    )
+    train, _, _ = _split(settings, manifest, {"features": feature_key})
     return asdict(reduce_task(settings, "features", feature_key, train))
 
 
@@ -335,6 +410,7 @@ def pipeline_flow(settings: PipelineSettings) -> dict:
     """Scan -> extract (one backbone pass for all layers) -> per layer: reduce -> classify."""
     manifest = scan_task(settings.data, settings.limit_per_class, settings.labels)
     _require_classes(manifest)
+    _check_group_source(settings, manifest)
     extracted = extract_task(manifest, settings)
     extras = {
         "warnings": manifest.warnings,

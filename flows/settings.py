@@ -14,13 +14,21 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from tasks.classify.plan import SVM_MAX_ROWS
 from tasks.data.images import is_url
-from tasks.data.splits import SPLIT_METHODS
+from tasks.data.splits import SPLIT_METHODS, SplitError, group_source
 from tasks.errors import UserError
 from tasks.features.extract import ExtractSettings
+from tasks.features.near_copies import NearCopySettings
 from tasks.features.store import DEFAULT_STORE
 from tasks.reduce.stage import PcaSettings
 
@@ -59,11 +67,14 @@ class DataSettings(BaseModel):
     split: Literal[SPLIT_METHODS] = "auto"
     test_size: float = Field(0.25, gt=0.0, lt=1.0)
     group_regex: str | None = Field(
-        None, description="File-name regex giving a grouped split's group"
+        None,
+        description="File-name regex giving a grouped split's group (when the labels file has "
+        "no group column)",
     )
     labels: Path | None = Field(
         None,
-        description="CSV of path,label[,split] (paths relative to data) instead of class folders",
+        description="CSV of path,label[,split][,group] (paths relative to data) instead of "
+        "class folders; a group column gives --split grouped its groups",
     )
 
     @field_validator("data", mode="before")
@@ -113,11 +124,14 @@ class ClassifierSettings(BaseModel):
         return value
 
 
-class PipelineSettings(ClassifierSettings, PcaSettings, ExtractSettings, DataSettings):
+class PipelineSettings(
+    ClassifierSettings, PcaSettings, ExtractSettings, NearCopySettings, DataSettings
+):
     """Every knob of a featurepipe run, with the original notebook's choices as defaults.
 
     Pydantic orders fields from the last base to the first, so forms and reports read data,
-    backbone and extraction, PCA, classifiers; PCA's method is accepted only as `pca_method`.
+    near-copies, backbone and extraction, PCA, classifiers; PCA's method is accepted only as
+    `pca_method`.
     """
 
     model_config = ConfigDict(validate_by_name=False)
@@ -130,6 +144,19 @@ class PipelineSettings(ClassifierSettings, PcaSettings, ExtractSettings, DataSet
     @classmethod
     def _split_layers(cls, value: Any) -> Any:
         return comma_list(value)
+
+    @model_validator(mode="after")
+    def _near_copies_group_a_grouped_split(self) -> PipelineSettings:
+        """--group-by near-copies only makes sense for a grouped split, and as its only source
+        of groups (a labels file's group column is checked once the table is read)."""
+        if self.group_by == "near-copies":
+            if self.split != "grouped":
+                raise ValueError("--group-by near-copies needs --split grouped")
+            try:
+                group_source(False, self.group_regex, near_copies=True)
+            except SplitError as error:
+                raise ValueError(str(error)) from None
+        return self
 
     def extract_settings(self) -> ExtractSettings:
         return stage_settings(self, ExtractSettings)

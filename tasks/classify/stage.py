@@ -16,6 +16,7 @@ import numpy as np
 from tasks.classify.plan import STREAMED, SVM_MAX_ROWS, ClassifyPlan, Shape, plan_classifiers
 from tasks.classify.streamed import DEFAULT_OPTIONS, RowSource, stored_rows
 from tasks.data.scan import Manifest
+from tasks.features.near_copies import LeakCheck
 from tasks.features.store import FeatureStore, StoreError
 from tasks.reduce.plan import memory_limit
 from tasks.reduce.stage import ReduceOutcome, load_projected
@@ -68,11 +69,13 @@ def classify_run(
     options: dict[str, dict] | None = None,
     svm_max_rows: int = SVM_MAX_ROWS,
     memory_limit_gib: float | None = None,
+    near_copies: LeakCheck | None = None,
 ) -> RunReport:
     """Fit every classifier on cached reduced rows, evaluate on the test rows, write the run.
 
     Classifiers are planned first (`plan_run`); the handovers are logged and recorded in the
-    report's extras (`classifier_handover`, shown in report.md).
+    report's extras (`classifier_handover`, shown in report.md). `near_copies`, the test rows'
+    near-copy check, goes into the report with the accuracy with and without a near-copy.
     """
     from tasks.classify.models import train_and_evaluate, train_and_evaluate_streamed
     from tasks.runs.plots import MAP_LDA_COMPONENTS, explained_variance_png, pca_class_map_png
@@ -151,4 +154,5 @@ def classify_run(
         image_root=manifest.root,
         images={"class_map": "class_map.png", "pca_variance": "pca_variance.png"},
         extras=info,
+        near_copies=near_copies,
     )

@@ -1,11 +1,14 @@
-"""Labels from a CSV file (`path,label[,split]`) instead of class folders.
+"""Labels from a CSV file (`path,label[,split][,group]`) instead of class folders.
 
 Many datasets come as one folder of images plus a table of file name and label (competition
 downloads, lab exports). The manifest is built by the same code as a folder scan, so the same
 files with the same labels and splits get the same manifest key, hence the same cached features.
+An optional `group` column names what images belong together (augmented copies of one photo,
+one patient): `--split grouped` keeps each group on one side. A table without it keeps the key
+it had before groups existed.
 
-Mistakes in the table (missing columns, empty labels, bad split values, duplicated or missing
-files, paths outside the folder) are errors with one line each: a silently wrong label costs
+Mistakes in the table (missing columns, empty labels or groups, bad split values, duplicated or
+missing files, paths outside the folder) are errors with one line each: a silently wrong label costs
 more than a fixed CSV. Image files in the folder that the table does not list are left out with
 a warning that counts them (a table often covers part of a download, e.g. without its unlabelled
 test images). Listed files that exist but are unusable are skipped with a reason, as in a scan.
@@ -25,6 +28,7 @@ from tasks.data.images import IMAGE_EXTENSIONS
 from tasks.data.scan import (
     SPLIT_NAMES,
     DatasetError,
+    ImageRecord,
     Manifest,
     Skipped,
     _check_root,
@@ -40,6 +44,7 @@ from tasks.data.scan import (
 PATH_COLUMNS = ("path", "file", "filename")
 LABEL_COLUMNS = ("label", "class")
 SPLIT_COLUMN = "split"
+GROUP_COLUMN = "group"
 
 
 class LabelsError(DatasetError):
@@ -48,12 +53,14 @@ class LabelsError(DatasetError):
 
 @dataclass(frozen=True)
 class LabelRow:
-    """One row of the table: a file relative to the dataset folder, its class and split."""
+    """One row of the table: a file relative to the dataset folder, its class, split and
+    group (None when the table has no group column)."""
 
     line: int
     path: str
     label: str
     split: str
+    group: str | None = None
 
 
 def _column(header: list[str], names: tuple[str, ...]) -> int | None:
@@ -103,18 +110,20 @@ def read_labels(csv_path: Path, root: Path) -> list[LabelRow]:
     header, table = _read_table(csv_path)
     path_at, label_at = _column(header, PATH_COLUMNS), _column(header, LABEL_COLUMNS)
     split_at = _column(header, (SPLIT_COLUMN,))
+    group_at = _column(header, (GROUP_COLUMN,))
     if path_at is None or label_at is None:
         raise LabelsError(
             f"labels file {csv_path} needs a column path (or file, filename) and a column "
-            f"label (or class), optionally split; its header is: {', '.join(header)}"
+            f"label (or class), optionally split and group; its header is: {', '.join(header)}"
         )
 
     def cell(cells: list[str], at: int | None) -> str:
         return cells[at].strip() if at is not None and at < len(cells) else ""
 
-    rows, outside, no_label, bad_split = [], [], [], []
+    rows, outside, no_label, bad_split, no_group = [], [], [], [], []
     for line, cells in table:
         raw, label, split = cell(cells, path_at), cell(cells, label_at), cell(cells, split_at)
+        group = cell(cells, group_at) if group_at is not None else None
         path = _relative(raw)
         if path is None:
             outside.append((line, raw))
@@ -122,15 +131,19 @@ def read_labels(csv_path: Path, root: Path) -> list[LabelRow]:
             no_label.append((line, raw))
         elif split_at is not None and split.lower() not in SPLIT_NAMES:
             bad_split.append((line, split))
+        elif group == "":  # a group left out would silently make a group of its own
+            no_group.append((line, raw))
         else:
             split_name = SPLIT_NAMES[split.lower()] if split_at is not None else "all"
-            rows.append(LabelRow(line, path, label, split_name))
+            rows.append(LabelRow(line, path, label, split_name, group))
     if outside:
         raise _rows_where(outside, f"empty path or a path outside {root}", csv_path)
     if no_label:
         raise _rows_where(no_label, "empty label", csv_path)
     if bad_split:
         raise _rows_where(bad_split, "split other than train, valid or test", csv_path)
+    if no_group:
+        raise _rows_where(no_group, "empty group (the table has a group column)", csv_path)
     seen: dict[str, int] = {}
     repeated = []
     for row in rows:
@@ -174,6 +187,22 @@ def _unlisted_warning(root: Path, listed: set[str], csv_path: Path) -> list[str]
     ]
 
 
+def _split_groups_warning(records: list[ImageRecord]) -> list[str]:
+    """Groups the table's own split column puts in both training and test: a leak that
+    `--split folder` (or auto) would measure as accuracy."""
+    sides: dict[str, set[bool]] = defaultdict(set)
+    for record in records:
+        if record.group is not None:
+            sides[record.group].add(record.split == "test")
+    leaked = sorted(group for group, seen in sides.items() if len(seen) > 1)
+    if not leaked:
+        return []
+    return [
+        f"{len(leaked)} groups have images in both the training and the test split of the "
+        f"labels file, which inflates test accuracy: {_examples(leaked)}"
+    ]
+
+
 def scan_labels(
     root: str | Path,
     csv_path: str | Path,
@@ -186,15 +215,21 @@ def scan_labels(
     _check_root(root)
     rows = read_labels(csv_path, root)
     skipped: list[Skipped] = []
-    groups: dict[tuple[str, str], list[Path]] = defaultdict(list)
+    by_class: dict[tuple[str, str], list[Path]] = defaultdict(list)
+    group_of: dict[Path, str] = {}
     for row in rows:
         reason = _unusable(root / row.path)
         if reason:
             skipped.append(Skipped(row.path, reason))
         else:
-            groups[(row.split, row.label)].append(root / row.path)
-    records = grouped_records(groups, root, skipped, limit_per_class, progress)
+            by_class[(row.split, row.label)].append(root / row.path)
+            if row.group is not None:
+                group_of[root / row.path] = row.group
+    records = grouped_records(
+        by_class, root, skipped, limit_per_class, progress, group_of if group_of else None
+    )
     if not records:
         raise _no_images_error(root, skipped, 0, any_candidates=True)
     warnings = _unlisted_warning(root, {row.path for row in rows}, csv_path)
+    warnings += _split_groups_warning(records)
     return finish_manifest(root, records, skipped, warnings)

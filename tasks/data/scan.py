@@ -18,7 +18,7 @@ import json
 import os
 import stat
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -54,6 +54,7 @@ class ImageRecord:
     split: str
     size: int
     sha256: str
+    group: str | None = None  # from a labels table's `group` column: one source photo, say
 
 
 @dataclass(frozen=True)
@@ -85,8 +86,12 @@ class Manifest:
 
     @property
     def key(self) -> str:
-        """Content key: hash of the ordered (split, label, sha256) triples."""
-        rows = [(r.split, r.label, r.sha256) for r in self.records]
+        """Content key: hash of the ordered (split, label, sha256) triples, with each record's
+        group when a labels table gave groups (without one, keys made before groups existed
+        stay the same, and so do the cached features found by them)."""
+        rows: list[tuple[str, ...]] = [(r.split, r.label, r.sha256) for r in self.records]
+        if any(r.group is not None for r in self.records):
+            rows = [(*row, r.group or "") for row, r in zip(rows, self.records, strict=True)]
         return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:24]
 
     @property
@@ -114,7 +119,7 @@ class Manifest:
         return {
             "root": self.root,
             "class_names": self.class_names,
-            "records": [asdict(r) for r in self.records],
+            "records": [_record_dict(r) for r in self.records],
             "skipped": [asdict(s) for s in self.skipped],
             "warnings": list(self.warnings),
             "duplicates": [asdict(d) for d in self.duplicates],
@@ -133,6 +138,14 @@ class Manifest:
                 Duplicate(d["sha256"], list(d["paths"])) for d in data.get("duplicates", [])
             ],
         )
+
+
+def _record_dict(record: ImageRecord) -> dict:
+    """A record as stored: without `group` when it has none, as before groups existed."""
+    data = asdict(record)
+    if data["group"] is None:
+        del data["group"]
+    return data
 
 
 def file_sha256(path: Path) -> str:
@@ -466,9 +479,11 @@ def grouped_records(
     skipped: list[Skipped],
     limit_per_class: int | None = None,
     progress: Callable[[int], None] | None = None,
+    group_of: Mapping[Path, str] | None = None,
 ) -> list[ImageRecord]:
     """Records of (split, label) -> files groups in manifest order (split, label, sha256), so
-    the key depends on contents only, whatever listed the files (class folders or a CSV)."""
+    the key depends on contents only, whatever listed the files (class folders or a CSV).
+    `group_of` gives each file's group (a labels table's `group` column)."""
     records: list[ImageRecord] = []
     for (split, label), paths in sorted(
         groups.items(), key=lambda kv: (SPLIT_ORDER.index(kv[0][0]), kv[0][1])
@@ -489,7 +504,8 @@ def grouped_records(
             if reason:
                 skipped.append(Skipped(rel, reason))
                 continue
-            records.append(ImageRecord(rel, label, split, size, digest))
+            group = group_of.get(path) if group_of is not None else None
+            records.append(ImageRecord(rel, label, split, size, digest, group))
             kept += 1
     return _drop_untrained_classes(records, skipped)
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tasks.features.near_copies import LEAK_FIX, LEAKY_SHARE
 from tasks.runs.folder import file_listing
 from tasks.runs.schema import ClassifierReport, RunReport
 
@@ -85,6 +86,49 @@ def run_summary_markdown(report: RunReport) -> str:
     )
 
 
+def _score(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4f}"
+
+
+def near_copies_markdown(report: RunReport, file_ref: FileRef) -> str | None:
+    """How many test images have a near-copy among the training images, and each classifier's
+    accuracy on those and on the others: the accuracy to expect on new photos is the latter."""
+    check = report.near_copies
+    if check is None:
+        return None
+    with_copy, n_test = check["test_with_copy"], check["n_test"]
+    rows = [
+        [name, _score(check["accuracy_with"][name]), _score(check["accuracy_without"][name])]
+        for name in check["accuracy_with"]
+    ]
+    verdict = (
+        " **Most test images have a near-copy in training: the test accuracy overstates "
+        f"accuracy on new images** ({LEAK_FIX})."
+        if check["share"] > LEAKY_SHARE
+        else ""
+    )
+    return "\n\n".join(
+        [
+            "## Near-copies of test images in training",
+            f"{with_copy} of {n_test} test images ({check['share']:.1%}) have a training image "
+            f"at cosine similarity >= {check['threshold']} in the stored features.{verdict}"
+            + (
+                f" Each test image's nearest training image: {file_ref(check['file'])}."
+                if "file" in check
+                else ""
+            ),
+            md_table(
+                [
+                    "classifier",
+                    f"accuracy with a near-copy ({with_copy})",
+                    f"accuracy without ({n_test - with_copy})",
+                ],
+                rows,
+            ),
+        ]
+    )
+
+
 def _classifier_markdown(
     name: str, entry: ClassifierReport, class_names: list[str], picture: Picture, file_ref: FileRef
 ) -> str:
@@ -124,6 +168,8 @@ def _classifier_markdown(
 
 def _markdown(report: RunReport, picture: Picture, file_ref: FileRef) -> str:
     sections = [run_summary_markdown(report)]
+    if (near := near_copies_markdown(report, file_ref)) is not None:
+        sections.append(near)
     sections += [
         picture(RUN_PICTURES.get(kind, kind), file) for kind, file in report.images.items()
     ]

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from tasks.classify.models import ClassifierResult
+from tasks.features.near_copies import LeakCheck
 from tasks.runs.folder import (
     MODELS_DIR,
     atomic_write,
@@ -47,6 +48,47 @@ def _write_misclassified(
             )
 
     atomic_write(path, write)
+
+
+NEAR_COPIES_FILE = "near_copies.csv"
+
+
+def _write_near_copies(path: Path, check: LeakCheck, test_files: list[str]) -> None:
+    """CSV of every test image, its most similar training image and their cosine similarity,
+    most similar first: the pairs behind the report's `near_copies` share, to look at."""
+
+    def write(temp: Path) -> None:
+        with open(temp, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["file", "nearest_training_file", "similarity", "near_copy"])
+            for i in np.argsort(-check.similarity, kind="stable"):
+                writer.writerow(
+                    [
+                        test_files[i],
+                        check.nearest_files[i],
+                        f"{check.similarity[i]:.4f}",
+                        bool(check.has_copy[i]),
+                    ]
+                )
+
+    atomic_write(path, write)
+
+
+def _near_copies_entry(
+    run_dir: Path,
+    check: LeakCheck | None,
+    results: list[ClassifierResult],
+    test_files: list[str],
+    y_test: np.ndarray,
+) -> dict | None:
+    """The report's `near_copies` section, and near_copies.csv when the check names files."""
+    if check is None:
+        return None
+    section = check.section(y_test, {r.name: r.y_pred for r in results})
+    if check.nearest_files:
+        _write_near_copies(run_dir / NEAR_COPIES_FILE, check, test_files)
+        section["file"] = NEAR_COPIES_FILE
+    return to_plain(section)
 
 
 def _classifier_entry(
@@ -112,12 +154,15 @@ def write_run(
     image_root: str | Path | None = None,
     images: dict[str, str] | None = None,
     extras: dict | None = None,
+    near_copies: LeakCheck | None = None,
 ) -> RunReport:
     """Write a complete run folder and return its report.
 
     `test_files` name the test images as the report shows them, relative to `image_root`
     (where the gallery reads its thumbnails). `images` are run-wide figures the caller already
-    drew into the folder. The folder name is the run id; an existing report is never
+    drew into the folder. `near_copies` (the test rows' near-copy check) becomes the report's
+    `near_copies` section, with each classifier's accuracy with and without a near-copy in
+    training, and near_copies.csv. The folder name is the run id; an existing report is never
     overwritten; credentials in the settings are masked.
     """
     run_dir = Path(run_dir)
@@ -148,6 +193,7 @@ def write_run(
         classifiers=classifiers,
         extras=to_plain(extras or {}),
         images=dict(images or {}),
+        near_copies=_near_copies_entry(run_dir, near_copies, results, test_files, y_test),
     )
     write_report(run_dir, report, report_markdown(report))
     return report

@@ -46,6 +46,9 @@ class RunReport:
     classifiers: dict[str, ClassifierReport]
     extras: dict[str, Any] = field(default_factory=dict)
     images: dict[str, str] = field(default_factory=dict)  # run-wide figures, e.g. class_map
+    # test images with a near-copy in training and the accuracy with/without one
+    # (tasks.features.near_copies.LeakCheck.section); None in runs made before the check
+    near_copies: dict[str, Any] | None = None
 
     def accuracy(self) -> dict[str, float]:
         """Test accuracy per classifier, in the order they were run."""
@@ -59,7 +62,8 @@ class RunReport:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RunReport:
-        """Inverse of to_json; reports written before `images` existed load with none."""
+        """Inverse of to_json; reports written before `images` or `near_copies` existed load
+        with none."""
         known = {f.name for f in fields(ClassifierReport)}
         classifiers = {
             name: ClassifierReport(**{k: v for k, v in entry.items() if k in known})

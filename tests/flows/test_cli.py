@@ -371,3 +371,30 @@ def test_store_maintenance_commands(first_and_second_run) -> None:
     assert layer["feature_key"] in {row["key"] for row in listing["arrays"]}
     unknown = featurepipe("store", "info", "zzzz", *store, cwd=work)
     assert unknown.returncode == 2 and "no key starting with 'zzzz'" in unknown.stderr
+
+
+def test_group_source_mistakes_answer_in_one_line_before_any_work(tmp_path: Path) -> None:
+    """A labels file's group column beside --group-regex, and --group-by near-copies without a
+    grouped split: one `error:` line each, before Prefect starts or any image is read."""
+    for n in range(4):
+        write_image(tmp_path / "flat" / f"{n}.png", seed=n, tint=120 * (n % 2))
+    lines = ["path,label,group", *(f"{n}.png,{'ab'[n % 2]},photo{n // 2}" for n in range(4))]
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    common = ("run", "--data", str(tmp_path / "flat"), "--store", str(tmp_path / "store"))
+    both = featurepipe(
+        *common,
+        *("--labels", str(tmp_path / "labels.csv"), "--split", "grouped"),
+        *("--group-regex", "(\\d)"),
+        cwd=tmp_path,
+    )
+    assert both.returncode == 2
+    assert both.stderr.strip().splitlines() == [
+        "error: groups come from one source, but the labels file's group column and "
+        "--group-regex both give them"
+    ]
+    ungrouped = featurepipe(*common, "--group-by", "near-copies", cwd=tmp_path)
+    assert ungrouped.returncode == 2
+    assert ungrouped.stderr.strip().splitlines() == [
+        "error: invalid settings: --group-by near-copies needs --split grouped"
+    ]
+    assert not (tmp_path / "store").exists()

@@ -38,6 +38,13 @@ def test_toml_config(tmp_path: Path) -> None:
         ({"classifier_options": {"svm": {"grid": 1}}}, "unknown option"),
         ({"colour": "blue"}, "colour"),
         ({"split": "random"}, "split"),
+        ({"group_by": "near-copies"}, "^invalid settings: --group-by near-copies needs --split"),
+        (
+            {"group_by": "near-copies", "split": "grouped", "group_regex": r"_(\d+)_"},
+            "one source, but --group-regex and --group-by near-copies both give them$",
+        ),
+        ({"near_copy_threshold": 1.0}, "near_copy_threshold: Input should be less than 1"),
+        ({"group_by": "photos"}, "group_by: Input should be 'auto' or 'near-copies'"),
     ],
 )
 def test_bad_values_are_named(values: dict, message: str) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tasks.data.labels import LabelsError, read_labels, scan_labels
-from tasks.data.scan import scan
+from tasks.data.scan import Manifest, scan
 from tests.conftest import write_image
 
 
@@ -135,3 +135,58 @@ def test_excel_bom_whitespace_and_dot_slash_are_accepted(image_tree: Path, tmp_p
         for line in _table_of(image_tree).splitlines()[1:]
     )
     assert scan_labels(image_tree, _csv(tmp_path / "labels.csv", text)).key == scan(image_tree).key
+
+
+def _grouped_table(tree: Path) -> str:
+    """The class-folder tree's table with a group column: pairs of images as one 'photo'."""
+    rows = _table_of(tree).splitlines()
+    lines = [rows[0] + ",group"]
+    lines += [f"{row},photo {i // 2}" for i, row in enumerate(rows[1:])]
+    return "\n".join(lines) + "\n"
+
+
+def test_a_group_column_is_kept_per_record_and_in_the_key(image_tree: Path, tmp_path: Path) -> None:
+    plain = scan_labels(image_tree, _csv(tmp_path / "plain.csv", _table_of(image_tree)))
+    grouped = scan_labels(image_tree, _csv(tmp_path / "grouped.csv", _grouped_table(image_tree)))
+    assert all(r.group is None for r in plain.records)
+    assert plain.key == scan(image_tree).key  # tables without groups keep their key
+    by_path = {r.path: r.group for r in grouped.records}
+    assert by_path["cats/img_00.png"] == by_path["cats/img_01.png"] == "photo 0"
+    assert by_path["dogs/img_11.png"] == "photo 11"
+    assert grouped.key != plain.key  # other groups, another manifest in the store
+    assert Manifest.from_dict(grouped.to_dict()).records == grouped.records
+    assert "group" not in plain.to_dict()["records"][0]  # stored as before groups existed
+
+
+def test_groups_across_the_tables_own_splits_are_a_warning(tmp_path: Path) -> None:
+    tree = tmp_path / "flat"
+    for i in range(8):
+        write_image(tree / f"{i}.png", seed=i, tint=120 * (i % 2))
+    lines = ["path,label,split,group"] + [
+        f"{i}.png,{'ab'[i % 2]},{'test' if i >= 6 else 'train'},g{i % 4}" for i in range(8)
+    ]
+    manifest = scan_labels(tree, _csv(tmp_path / "labels.csv", "\n".join(lines) + "\n"))
+    assert (
+        "2 groups have images in both the training and the test split of the labels file, "
+        "which inflates test accuracy: g2, g3" in manifest.warnings
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "path,label,group\ncats/img_00.png,cats,a\ncats/img_01.png,cats, \n"
+            "cats/img_02.png,cats,\n",
+            r"empty group \(the table has a group column\) on 2 rows: line 3 \('cats/img_01.png'"
+            r"\), line 4 \('cats/img_02.png'\)$",
+        ),
+        ("path,label,group\ncats/img_00.png,cats\n", r"empty group .* on 1 row: line 2"),
+    ],
+)
+def test_group_mistakes_are_one_line_each(
+    image_tree: Path, tmp_path: Path, text: str, message: str
+) -> None:
+    with pytest.raises(LabelsError, match=message) as raised:
+        read_labels(_csv(tmp_path / "labels.csv", text), image_tree)
+    assert "\n" not in str(raised.value)

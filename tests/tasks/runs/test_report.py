@@ -142,8 +142,48 @@ def test_report_json_is_plain_and_complete(run, split) -> None:
 def test_reports_without_newer_fields_still_load(run) -> None:
     run_dir, report = run
     data = report.to_json()
-    del data["images"]
-    assert RunReport.from_json(data).images == {}
+    del data["images"], data["near_copies"]
+    loaded = RunReport.from_json(data)
+    assert loaded.images == {} and loaded.near_copies is None
+
+
+def test_near_copies_section_csv_and_markdown(tmp_path, results, split) -> None:
+    """The check's figures per classifier, its pairs in near_copies.csv (most similar first),
+    and a report.md section that says the accuracy overstates when most tests have a copy."""
+    from tasks.features.near_copies import LeakCheck
+    from tasks.runs.markdown import artifact_markdown
+
+    n = len(split["y_test"])
+    similarity = np.linspace(0.5, 1.0, n, dtype=np.float32)  # the last 60% are copies
+    check = LeakCheck(0.7, np.arange(n), similarity, tuple(f"train_{i}.png" for i in range(n)))
+    run_dir, report = _write(tmp_path, results[:2], split, near_copies=check)
+    near = report.near_copies
+    copy = similarity >= 0.7
+    assert near["test_with_copy"] == copy.sum() and near["share"] == pytest.approx(copy.mean())
+    for result in results[:2]:
+        right = result.y_pred == split["y_test"]
+        assert near["accuracy_with"][result.name] == pytest.approx(right[copy].mean())
+        assert near["accuracy_without"][result.name] == pytest.approx(right[~copy].mean())
+    assert read_report(run_dir).near_copies == near
+    with open(run_dir / near["file"], newline="") as handle:
+        pairs = list(csv.DictReader(handle))
+    assert [row["file"] for row in pairs[:2]] == split["test_files"][-1:-3:-1]
+    assert pairs[0] == {
+        "file": split["test_files"][-1],
+        "nearest_training_file": f"train_{n - 1}.png",
+        "similarity": "1.0000",
+        "near_copy": "True",
+    }
+    markdown = (run_dir / "report.md").read_text()
+    assert "## Near-copies of test images in training" in markdown
+    assert f"{copy.sum()} of {n} test images" in markdown
+    assert "overstates accuracy on new images" in markdown
+    assert "[near_copies.csv](near_copies.csv)" in markdown
+    assert "## Near-copies of test images in training" in artifact_markdown(report, run_dir)
+    clean = LeakCheck(0.7, np.arange(n), np.zeros(n, dtype=np.float32))
+    _, quiet = _write(tmp_path, results[:1], split, near_copies=clean)
+    assert quiet.near_copies["accuracy_with"] == {"svm": None}
+    assert "overstates" not in (tmp_path / quiet.run_id / "report.md").read_text()
 
 
 def _misclassified(run_dir: Path, name: str) -> list[dict]:
