@@ -19,7 +19,7 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.runtime import flow_run, task_run
 from prefect.states import State
 
-from flows.progress import ExtractProgress
+from flows.progress import ProgressDisplay
 from flows.settings import PipelineSettings
 from tasks.classify.stage import classify_run
 from tasks.data.labels import scan_labels
@@ -127,7 +127,7 @@ def extract_task(manifest: Manifest, settings: PipelineSettings) -> ExtractResul
 
     store = FeatureStore(settings.store)
     logger = get_run_logger()
-    progress = ExtractProgress(f"extract {settings.backbone}")
+    progress = ProgressDisplay(f"extract {settings.backbone}")
     with progress, contextlib.ExitStack() as stack:
         client = (
             stack.enter_context(dask_client(settings.dask_address, settings.workers, 1))
@@ -167,7 +167,7 @@ def reduce_task(
             if _scales_out(settings)
             else contextlib.nullcontext()
         ):
-            with ExtractProgress(f"reduce {layer}", unit="rows", log=reduce_logger) as progress:
+            with ProgressDisplay(f"reduce {layer}", unit="rows", log=reduce_logger) as progress:
                 pca = settings.pca_settings()
                 outcome = reduce_cached(store, feature_key, train_rows, pca, progress)
     get_run_logger().info(
@@ -473,7 +473,7 @@ def predict_flow(
     from tasks.runs.predict import plan_prediction, predict_folder, write_predictions_csv
 
     plan = plan_prediction(run_dir, store, classifier)
-    with ExtractProgress(f"predict {plan.report.setting('backbone')}") as progress:
+    with ProgressDisplay(f"predict {plan.report.setting('backbone')}") as progress:
         rows, manifest, info = predict_folder(plan, data, progress, labels, tta)
     write_predictions_csv(rows, out)
     get_run_logger().info("%d predictions written to %s", len(rows), out)

@@ -25,7 +25,7 @@ from rich.progress import (
 logger = logging.getLogger("featurepipe.extract")
 
 
-class ExtractProgress:
+class ProgressDisplay:
     """Callable progress sink: `progress(done, total)` in `unit`s, with an optional `status`
     (the reduce stage's "pass i of m") shown after the description; lines go to `log`."""
 
@@ -48,7 +48,7 @@ class ExtractProgress:
         self.bar: Progress | None = None
         self.task_id = None
 
-    def __enter__(self) -> ExtractProgress:
+    def __enter__(self) -> ProgressDisplay:
         if TaskRunContext.get() is not None:
             self.artifact_id = create_progress_artifact(0.0, description=self.description)
         console = Console(file=sys.stderr)
@@ -99,6 +99,12 @@ class ExtractProgress:
             )
             self.last_artifact = now
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, error_type: type[BaseException] | None, *exc_info) -> None:
+        """A stage that ended without error is complete, also where its planned total was an
+        estimate that the work came in under (the reduce stage plans its passes ahead)."""
         if self.bar is not None:
             self.bar.stop()
+        if self.artifact_id and error_type is None:
+            update_progress_artifact(
+                self.artifact_id, 100.0, description=f"{self.description}: done"
+            )

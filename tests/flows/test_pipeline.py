@@ -53,14 +53,14 @@ def test_io_errors_give_up_after_two_retries() -> None:
 
 
 def test_pca_progress_lines_reach_the_run_log(caplog: pytest.LogCaptureFixture) -> None:
-    from flows.progress import ExtractProgress
+    from flows.progress import ProgressDisplay
 
     rows = da.from_array(np.random.default_rng(0).random((64, 16)), chunks=(8, 16))
 
     def fit_with_progress() -> None:
         log = logging.getLogger("featurepipe.reduce")
         with (
-            ExtractProgress("reduce x", log_interval=0.0, unit="rows", log=log) as progress,
+            ProgressDisplay("reduce x", log_interval=0.0, unit="rows", log=log) as progress,
             reporting(progress, 64, 2, 0),
         ):
             reduce.ScaledPCA(variance=0.9).fit(rows)
@@ -76,9 +76,9 @@ def test_pca_progress_lines_reach_the_run_log(caplog: pytest.LogCaptureFixture) 
 def test_extraction_progress_is_logged_when_no_terminal_shows_a_bar(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from flows.progress import ExtractProgress
+    from flows.progress import ProgressDisplay
 
-    with ExtractProgress("extract vgg16", log_interval=0.0) as progress:  # pytest: no terminal
+    with ProgressDisplay("extract vgg16", log_interval=0.0) as progress:  # pytest: no terminal
         progress(16, 64)
     assert "extract vgg16: 16/64 images" in caplog.text and "min left" in caplog.text
 

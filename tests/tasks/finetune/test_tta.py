@@ -5,9 +5,11 @@ the report records them, and each epoch reports its batches as they go."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +68,22 @@ def by_hand(model, paths: list[Path], preprocess, size: int, tta: bool) -> np.nd
     return np.stack(out)
 
 
+@contextlib.contextmanager
+def progress_lines() -> Iterator[list[str]]:
+    """The messages fine-tuning's progress logger emits inside the block (also in a module
+    fixture, where pytest's caplog is not available)."""
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("featurepipe.finetune")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+
+
 @pytest.fixture(scope="module")
 def finetuned(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One fine-tuning run with every new option on; its in-epoch progress lines recorded."""
@@ -76,17 +94,9 @@ def finetuned(tmp_path_factory: pytest.TempPathFactory) -> dict:
             write_image(data / label / f"img_{i:02d}.png", seed=10 * tint + i, size=32, tint=tint)
     manifest = scan(data)
     train, test = split_rows(manifest, "stratified", 0.25, seed=0)
-    lines: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: lines.append(record.getMessage())
-    progress_logger = logging.getLogger("featurepipe.finetune")
-    progress_logger.addHandler(handler)
-    progress_logger.setLevel(logging.INFO)
-    try:
+    with progress_lines() as lines:
         run_dir = root / "runs" / new_run_id()
         report = run_finetune(manifest, train, test, SETTINGS, run_dir, progress_interval=0)
-    finally:
-        progress_logger.removeHandler(handler)
     return {
         "data": data,
         "run_dir": run_dir,
@@ -170,19 +180,11 @@ def test_progress_lines_follow_the_interval() -> None:
     """A fake clock: 20 s per batch, a 30 s interval, 10 images in batches of 4."""
     now = [100.0]
     callback = epoch_progress(10, 4, lambda e: f"epoch {e + 1}", 30.0, clock=lambda: now[0])
-    lines: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: lines.append(record.getMessage())
-    logger = logging.getLogger("featurepipe.finetune")
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
+    with progress_lines() as lines:
         callback.on_epoch_begin(0)
         for batch in range(3):
             now[0] += 20.0
             callback.on_train_batch_end(batch)
-    finally:
-        logger.removeHandler(handler)
     assert lines == [
         "epoch 1: batch 2/3, 0.2 images/s, 20 s left in the epoch",  # 40 s: past the interval
         "epoch 1: batch 3/3, 0.2 images/s, 0 s left in the epoch",  # the epoch's last batch

@@ -11,7 +11,7 @@ import dask.array as da
 import pytest
 from threadpoolctl import threadpool_limits
 
-from flows.progress import ExtractProgress
+from flows.progress import ProgressDisplay
 from tasks.reduce import _stream
 from tasks.reduce._passes import use
 from tasks.reduce._progress import reporting
@@ -84,7 +84,7 @@ def test_the_log_line_says_pass_rows_and_time_left(
     passes = planned_passes("randomized", Shape(ROWS, COLS, ROWS), 10, True, None)
     with (
         caplog.at_level(logging.INFO, logger="featurepipe.reduce"),
-        ExtractProgress("reduce block5_pool", log_interval=0.0, unit="rows", log=log) as sink,
+        ProgressDisplay("reduce block5_pool", log_interval=0.0, unit="rows", log=log) as sink,
         reporting(sink, ROWS, passes, ROWS),
     ):
         ScaledPCA(method="randomized", n_components=10).fit(X)
