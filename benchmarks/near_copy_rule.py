@@ -103,7 +103,7 @@ def relative_leak(rows: np.ndarray, test: np.ndarray, quantile: float) -> float:
     """Share of test rows whose nearest training row is at least the quantile of the training
     rows' own nearest-neighbour cosine, over the share a leaky test set would give."""
     train = rows[~test]
-    _, own = nearest(train, train, 1, same=True)
+    _, own = nearest(train, train, 1, own=np.arange(len(train)))
     _, theirs = nearest(rows[test], train, 1)
     threshold = np.quantile(own[:, 0], quantile)
     return float((theirs[:, 0] >= threshold).mean() / (1 - quantile))
@@ -156,7 +156,7 @@ def main() -> None:
     key = store.find(args.key)[1]
     photo = photo_ids(store, key, args.photos)
     rows = unit_rows(store.feature_array(key).data)
-    index, sims = nearest(rows, rows, NEIGHBOURS, same=True)
+    index, sims = nearest(rows, rows, NEIGHBOURS, own=np.arange(len(rows)))
     same_nn = photo[index[:, 0]] == photo
     nn = sims[:, 0]
     quantiles = [float(q) for q in args.quantiles.split(",") if q]

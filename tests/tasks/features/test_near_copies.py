@@ -56,7 +56,7 @@ def test_nearest_matches_a_full_product_across_blocks(monkeypatch: pytest.Monkey
     monkeypatch.setattr(near_copies, "BLOCK_BYTES", 7 * 4 * len(rows))
     full = rows @ rows.T
     np.fill_diagonal(full, -np.inf)
-    index, similarity = nearest(rows, rows, 3, same=True)
+    index, similarity = nearest(rows, rows, 3, own=np.arange(len(rows)))
     np.testing.assert_array_equal(index[:, 0], full.argmax(axis=1))
     np.testing.assert_allclose(similarity[:, 0], full.max(axis=1), atol=1e-6)
     assert (np.diff(similarity, axis=1) <= 0).all()  # most similar first
